@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# README command 2: installs what is missing, builds, and runs the whole Criterion suite
+# (build/bin/ckv-tests), whose summary line ends the output. Arguments go to ckv-tests
+# (e.g. --filter 'config/*').
+set -euo pipefail
+cd "$(dirname "$0")/.."
+deploy/install-deps.sh
+deploy/build.sh
+exec "${CKV_BUILD_DIR:-build}/bin/ckv-tests" "$@"

@@ -1,0 +1,131 @@
+/*
+ * Test helpers (see ckv_test.h).
+ */
+#include "ckv_test.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+int ckv_test_tmpdir(char *out, size_t cap)
+{
+    const char *base = getenv("TMPDIR");
+    if (!base || !*base)
+        base = "/tmp";
+    snprintf(out, cap, "%s/ckv-test-XXXXXX", base);
+    if (!mkdtemp(out))
+        return -errno;
+    return 0;
+}
+
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    remove(path);
+    return 0;
+}
+
+void ckv_test_rmrf(const char *dir)
+{
+    if (dir && *dir)
+        nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+void ckv_test_bin_path(const char *name, char *out, size_t cap)
+{
+    snprintf(out, cap, "%s/%s", CKV_BIN_DIR, name);
+}
+
+void ckv_test_src_path(const char *rel, char *out, size_t cap)
+{
+    snprintf(out, cap, "%s/%s", CKV_SOURCE_DIR, rel);
+}
+
+pid_t ckv_test_spawn(char *const argv[], const char *log_path)
+{
+    pid_t pid = fork();
+    if (pid < 0)
+        return -errno;
+    if (pid == 0) {
+        int fd = open(log_path ? log_path : "/dev/null", O_WRONLY | O_CREAT | O_APPEND, 0600);
+        if (fd >= 0) {
+            dup2(fd, STDOUT_FILENO);
+            dup2(fd, STDERR_FILENO);
+            close(fd);
+        }
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+int ckv_test_wait(pid_t pid, int timeout_ms, int *status)
+{
+    for (int waited = 0;; waited += 5) {
+        pid_t r = waitpid(pid, status, WNOHANG);
+        if (r == pid)
+            return 0;
+        if (r < 0)
+            return -errno;
+        if (waited >= timeout_ms)
+            return -ETIMEDOUT;
+        sleep_ms(5);
+    }
+}
+
+int ckv_test_stop(pid_t pid, int sig, int timeout_ms)
+{
+    int status = 0;
+    kill(pid, sig);
+    if (ckv_test_wait(pid, timeout_ms, &status) == -ETIMEDOUT) {
+        kill(pid, SIGKILL);
+        waitpid(pid, &status, 0);
+    }
+    return status;
+}
+
+int ckv_test_wait_path(const char *path, int timeout_ms)
+{
+    for (int waited = 0;; waited += 5) {
+        if (access(path, F_OK) == 0)
+            return 0;
+        if (waited >= timeout_ms)
+            return -ETIMEDOUT;
+        sleep_ms(5);
+    }
+}
+
+int ckv_test_write_file(const char *path, const char *text, size_t len)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    if (fd < 0)
+        return -errno;
+    size_t off = 0;
+    while (off < len) {
+        ssize_t w = write(fd, text + off, len - off);
+        if (w <= 0) {
+            int e = errno;
+            close(fd);
+            return -e;
+        }
+        off += (size_t)w;
+    }
+    close(fd);
+    return 0;
+}

@@ -1,0 +1,44 @@
+/*
+ * Helpers shared by the Criterion suites: temporary run directories, paths of the built
+ * binaries and source tree, and real child processes for integration tests (redis's
+ * test-server shape: start the daemon on ipc:// endpoints in a private directory, talk to it,
+ * stop it).
+ */
+#ifndef CKV_TEST_H
+#define CKV_TEST_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+/* Creates a fresh directory of mode 0700 under $TMPDIR (or /tmp) and writes its path to out.
+ * Returns 0 or -errno. */
+int ckv_test_tmpdir(char *out, size_t cap);
+
+/* Removes a directory tree (best effort). */
+void ckv_test_rmrf(const char *dir);
+
+/* Writes "<bin dir>/<name>" to out: the path of a built program. */
+void ckv_test_bin_path(const char *name, char *out, size_t cap);
+
+/* Writes "<source dir>/<rel>" to out. */
+void ckv_test_src_path(const char *rel, char *out, size_t cap);
+
+/* Starts argv[0] (a path) with argv; stdout and stderr go to log_path (NULL: /dev/null).
+ * Returns the pid, or -errno. */
+pid_t ckv_test_spawn(char *const argv[], const char *log_path);
+
+/* Waits up to timeout_ms for pid to exit; *status gets waitpid()'s status. Returns 0, or
+ * -ETIMEDOUT (the process still runs). */
+int ckv_test_wait(pid_t pid, int timeout_ms, int *status);
+
+/* Sends sig, then waits up to timeout_ms; SIGKILLs it if it is still there. Returns the exit
+ * status as waitpid() reports it. */
+int ckv_test_stop(pid_t pid, int sig, int timeout_ms);
+
+/* Waits up to timeout_ms for a path (a unix socket, a file) to exist. Returns 0 or -ETIMEDOUT. */
+int ckv_test_wait_path(const char *path, int timeout_ms);
+
+/* Writes text to path (created or truncated). Returns 0 or -errno. */
+int ckv_test_write_file(const char *path, const char *text, size_t len);
+
+#endif
