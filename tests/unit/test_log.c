@@ -2,12 +2,11 @@
  * Suite "log": line format and level filtering.
  */
 #include <criterion/criterion.h>
+#include <errno.h>
 #include <regex.h>
-#include <signal.h>
 #include <string.h>
 #include <unistd.h>
 
-#include "ckv_error.h"
 #include "ckv_log.h"
 
 Test(log, format_and_levels)
@@ -63,18 +62,4 @@ Test(log, long_lines_are_truncated_not_overflowed)
     close(p[0]);
     cr_assert(n > 1000 && n <= 2048, "line of %zd bytes", n);
     cr_assert_eq(buf[n - 1], '\n');
-}
-
-Test(error, names)
-{
-    cr_assert_str_eq(ckv_strerror(0), "success");
-    cr_assert_str_eq(ckv_strerror(-ENOENT), "No such file or directory");
-    cr_assert_str_eq(ckv_strerror(CKV_ETOOBIG), "message too large");
-    cr_assert_str_eq(ckv_strerror(-99999), "unknown error");
-}
-
-Test(error, assert_aborts, .signal = SIGABRT)
-{
-    int x = 1;
-    ASSERT(x == 2);
 }
