@@ -129,3 +129,53 @@ int ckv_test_write_file(const char *path, const char *text, size_t len)
     close(fd);
     return 0;
 }
+
+const char *ckv_test_default_model(void)
+{
+    static char path[1024];
+    const char *dir = getenv("CKV_MODEL_DIR");
+    const char *home = getenv("HOME");
+    if (dir && *dir)
+        snprintf(path, sizeof(path), "%s/SmolLM2-135M-Instruct.Q4_1.gguf", dir);
+    else
+        snprintf(path, sizeof(path), "%s/.cache/clusterkv/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+                 home && *home ? home : "/root");
+    return access(path, R_OK) == 0 ? path : NULL;
+}
+
+char *ckv_test_read_file(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    char *buf = NULL;
+    size_t n = 0, cap = 0;
+    for (;;) {
+        if (n + 4096 + 1 > cap) {
+            cap = (n + 4096 + 1) * 2;
+            char *b = realloc(buf, cap);
+            if (!b) {
+                free(buf);
+                fclose(f);
+                errno = ENOMEM;
+                return NULL;
+            }
+            buf = b;
+        }
+        size_t r = fread(buf + n, 1, cap - n - 1, f);
+        n += r;
+        if (r == 0)
+            break;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) {
+        free(buf);
+        errno = EIO;
+        return NULL;
+    }
+    buf[n] = '\0';
+    if (len)
+        *len = n;
+    return buf;
+}

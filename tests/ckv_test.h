@@ -41,4 +41,19 @@ int ckv_test_wait_path(const char *path, int timeout_ms);
 /* Writes text to path (created or truncated). Returns 0 or -errno. */
 int ckv_test_write_file(const char *path, const char *text, size_t len);
 
+/* Path of the default model (SmolLM2-135M-Instruct.Q4_1.gguf in $CKV_MODEL_DIR, else in
+ * ~/.cache/clusterkv/models), or NULL when that file is not there. The string is static.
+ * Tests that need the model skip when this is NULL, unless CKV_REQUIRE_MODEL is set:
+ *   const char *model = ckv_test_default_model();
+ *   if (!model) {
+ *       cr_assert_null(getenv("CKV_REQUIRE_MODEL"), "default model missing");
+ *       cr_skip_test("default model not fetched (deploy/fetch-model.sh)");
+ *   }
+ */
+const char *ckv_test_default_model(void);
+
+/* Reads a whole file into a malloc'ed, NUL-terminated buffer (*len excludes the NUL).
+ * Returns NULL (errno set) on failure. */
+char *ckv_test_read_file(const char *path, size_t *len);
+
 #endif
