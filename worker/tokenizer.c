@@ -656,8 +656,10 @@ static int bpe_emit_unknown(struct work *w, const char *enc, size_t n)
 static int bpe_add_cand(struct work *w, int32_t left)
 {
     struct sym *s = w->syms;
+    if (left < 0)
+        return 0;
     int32_t right = s[left].next;
-    if (left < 0 || right < 0 || s[left].id < 0 || s[right].id < 0)
+    if (right < 0 || s[left].id < 0 || s[right].id < 0)
         return 0;
     int32_t result;
     int32_t rank = merge_find(w->t, s[left].id, s[right].id, &result);

@@ -97,7 +97,8 @@ void tokenizer_destroy(tokenizer_t **t);
 
 /*
  * Encodes len bytes of text (any bytes: invalid UTF-8 is tokenized as llama.cpp does, each
- * invalid byte read as U+FFFD). add_special: add BOS / EOS as the vocabulary says
+ * invalid byte read as U+FFFD; a byte the byte-level vocabulary has no token for is dropped, as
+ * llama.cpp drops it: SmolLM2 lacks 0x04 0x06 0x13 0x14 0x16 0x1d). add_special: add BOS / EOS as the vocabulary says
  * (tokenizer_add_bos() / tokenizer_add_eos()). parse_special: recognise control tokens such as
  * "<|im_start|>" in the text (user-defined tokens are always recognised).
  * Writes at most cap ids to ids (ids may be NULL when cap is 0) and the full count to *n_ids.
@@ -124,7 +125,8 @@ int tokenizer_token_bytes(const tokenizer_t *t, int32_t id, bool render_special,
 
 /* Appends the text of n ids to out: the concatenated pieces, without the space the encoder
  * put before the text of a SentencePiece vocabulary (so decode(encode(x)) == x for valid
- * UTF-8 x). Returns 0, -EINVAL (an id out of range; nothing appended) or -ENOMEM. */
+ * UTF-8 x whose bytes all have tokens). Returns 0, -EINVAL (an id out of range; nothing
+ * appended) or -ENOMEM. */
 int tokenizer_decode(const tokenizer_t *t, const int32_t *ids, int n, bool render_special,
                      struct ckv_buf *out);
 

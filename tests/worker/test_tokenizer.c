@@ -222,6 +222,24 @@ static void open_model(void)
     cr_assert_eq(rc, 0, "tokenizer: %s (%s)", err, ckv_strerror(rc));
 }
 
+/* Whether every byte of text has a token of its own in t (a byte without one is dropped by
+ * the encoder, as by llama.cpp, so such a text cannot round-trip). */
+static bool representable(const tokenizer_t *t, const uint8_t *text, size_t len)
+{
+    bool ok[256] = {false};
+    for (int32_t id = 0; id < tokenizer_n_vocab(t); id++) {
+        const char *p;
+        size_t n;
+        tokenizer_token_bytes(t, id, false, &p, &n);
+        if (n == 1)
+            ok[(uint8_t)p[0]] = true;
+    }
+    for (size_t i = 0; i < len; i++)
+        if (!ok[text[i]])
+            return false;
+    return true;
+}
+
 static void close_model(void)
 {
     tokenizer_destroy(&model_tok);
@@ -386,11 +404,15 @@ Test(tokenizer, matches_llamacpp_with_other_pre_tokenizers, .init = open_model,
 Test(tokenizer, round_trips_valid_utf8, .init = open_model, .fini = close_model)
 {
     struct fixture *fx = fixture_load();
-    int n = 0;
+    int n = 0, dropped = 0;
     for (int i = 0; i < fx->n_cases; i++) {
         const struct fx_case *c = &fx->cases[i];
         if (strcmp(c->pre, "smollm") != 0 || !valid_utf8(c->text, c->len))
             continue;
+        if (!representable(model_tok, c->text, c->len)) {
+            dropped++;
+            continue;
+        }
         int32_t *ids;
         int n_ids;
         cr_assert_eq(tokenizer_encode_alloc(model_tok, (const char *)c->text, c->len, c->add,
@@ -407,6 +429,7 @@ Test(tokenizer, round_trips_valid_utf8, .init = open_model, .fini = close_model)
         n++;
     }
     cr_assert_gt(n, 80);
+    cr_assert_gt(dropped, 0, "the fixture has a text with bytes SmolLM2 has no token for");
 }
 
 /* Random valid UTF-8 from a mix of scripts round-trips too. */
@@ -599,7 +622,7 @@ Test(tokenizer, survives_random_bytes, .init = open_model, .fini = close_model)
             cr_assert(ids[i] >= 0 && ids[i] < tokenizer_n_vocab(model_tok));
         struct ckv_buf b = {0};
         cr_assert_eq(tokenizer_decode(model_tok, ids, n, true, &b), 0);
-        if (valid_utf8(text, len) && !(iter & 2))
+        if (valid_utf8(text, len) && !(iter & 2) && representable(model_tok, text, len))
             cr_assert(b.len == len && (len == 0 || memcmp(b.data, text, len) == 0));
         ckv_buf_free(&b);
         free(ids);
