@@ -2,11 +2,12 @@
  * ckv-bench-tokenizer: encode / decode speed of worker/tokenizer.c on ~100 KB of English text,
  * against llama.cpp (llama-cpp-python, same GGUF, same text, same CPU) in the same run.
  *
- *   build/bin/ckv-bench-tokenizer [-m MODEL] [--text FILE] [--bytes N] [--reps N] [--cpu N]
- *                                 [--no-llamacpp] [--json FILE]
+ *   build/bin/ckv-bench-tokenizer [-m MODEL] [--text FILE | --repeat STRING] [--bytes N]
+ *                                 [--reps N] [--cpu N] [--no-llamacpp] [--json FILE]
  *
  * The text defaults to the GPL-3 text Debian ships (/usr/share/common-licenses/GPL-3), repeated
- * to --bytes (100 KiB). Both tokenizers run --reps times pinned to --cpu; the table shows
+ * to --bytes (100 KiB); --text FILE takes a file as it is (or repeated / cut to --bytes given
+ * after it), --repeat STRING a string repeated to --bytes (pathological inputs: "a", " "). Both tokenizers run --reps times pinned to --cpu; the table shows
  * medians. llama.cpp is timed inside its Python process around the llama_tokenize call (one
  * ctypes call per repetition: the Python overhead is microseconds against milliseconds), and
  * its ids are hashed so the table can say whether both produced the same ids.
@@ -51,13 +52,18 @@ static uint64_t hash_ids(const int32_t *ids, int n)
     return h;
 }
 
-static char *read_text(const char *path, size_t want, size_t *len)
+static char *read_text(const char *path, const char *repeat, size_t want, size_t *len)
 {
+    char *src = NULL;
+    size_t n = 0, cap = 0;
+    if (repeat) {
+        src = strdup(repeat);
+        n = strlen(repeat);
+        goto have;
+    }
     FILE *f = fopen(path, "rb");
     if (!f)
         return NULL;
-    char *src = NULL;
-    size_t n = 0, cap = 0;
     for (;;) {
         if (n + 65536 > cap) {
             cap = (n + 65536) * 2;
@@ -75,8 +81,10 @@ static char *read_text(const char *path, size_t want, size_t *len)
         n += r;
     }
     fclose(f);
+have:
     if (n == 0) {
         free(src);
+        errno = EINVAL;
         return NULL;
     }
     if (want == 0)
@@ -149,7 +157,7 @@ static int run_llamacpp(const char *model, const char *text_path, int reps, int 
 
 int main(int argc, char **argv)
 {
-    const char *model = NULL, *text_path = DEFAULT_TEXT, *json = NULL;
+    const char *model = NULL, *text_path = DEFAULT_TEXT, *repeat = NULL, *json = NULL;
     size_t want = 100 * 1024;
     int reps = 21, cpu = 0;
     bool llamacpp = true;
@@ -161,6 +169,8 @@ int main(int argc, char **argv)
             model = v, i++;
         else if (!strcmp(a, "--text") && v)
             text_path = v, i++, want = 0;
+        else if (!strcmp(a, "--repeat") && v)
+            repeat = v, i++, text_path = "--repeat";
         else if (!strcmp(a, "--bytes") && v)
             want = strtoull(v, NULL, 10), i++;
         else if (!strcmp(a, "--reps") && v)
@@ -173,8 +183,8 @@ int main(int argc, char **argv)
             llamacpp = false;
         else {
             fprintf(stderr,
-                    "usage: %s [-m MODEL] [--text FILE] [--bytes N] [--reps N] [--cpu N] "
-                    "[--no-llamacpp] [--json FILE]\n",
+                    "usage: %s [-m MODEL] [--text FILE | --repeat STRING] [--bytes N] [--reps N] "
+                    "[--cpu N] [--no-llamacpp] [--json FILE]\n",
                     argv[0]);
             return 2;
         }
@@ -196,7 +206,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "warning: cannot pin to CPU %d: %s\n", cpu, strerror(errno));
 
     size_t len = 0;
-    char *text = read_text(text_path, want, &len);
+    char *text = read_text(text_path, repeat, want, &len);
     if (!text) {
         fprintf(stderr, "cannot read %s: %s\n", text_path, strerror(errno));
         return 1;
@@ -253,8 +263,10 @@ int main(int argc, char **argv)
     bool have_ll = llamacpp && run_llamacpp(model, text_file, reps, &ll_n, &ll_s, &ll_h) == 0;
     unlink(text_file);
 
-    printf("# ckv-bench-tokenizer: %zu bytes of %s, %d tokens, %d repetitions, CPU %d, medians\n",
-           len, text_path, n_ids, reps, cpu);
+    printf("# ckv-bench-tokenizer: %zu bytes of %s%s%s, %d tokens, %d repetitions, CPU %d, "
+           "medians\n",
+           len, repeat ? "'" : text_path, repeat ? repeat : "", repeat ? "' repeated" : "", n_ids,
+           reps, cpu);
     printf("| tokenizer | encode ms | tokens/s | MB/s | decode ms | same ids |\n");
     printf("|---|---:|---:|---:|---:|---|\n");
     printf("| clusterkv (PCRE2 JIT) | %.2f | %.0f | %.1f | %.3f | - |\n", enc_s * 1e3,
