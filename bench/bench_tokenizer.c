@@ -7,10 +7,11 @@
  *
  * The text defaults to the GPL-3 text Debian ships (/usr/share/common-licenses/GPL-3), repeated
  * to --bytes (100 KiB); --text FILE takes a file as it is (or repeated / cut to --bytes given
- * after it), --repeat STRING a string repeated to --bytes (pathological inputs: "a", " "). Both tokenizers run --reps times pinned to --cpu; the table shows
- * medians. llama.cpp is timed inside its Python process around the llama_tokenize call (one
- * ctypes call per repetition: the Python overhead is microseconds against milliseconds), and
- * its ids are hashed so the table can say whether both produced the same ids.
+ * after it), --repeat STRING a string repeated to --bytes (pathological inputs: "a", " "). Both
+ * tokenizers run --reps times pinned to --cpu; the table shows medians. llama.cpp is timed inside
+ * its Python process around the llama_tokenize call (one ctypes call per repetition: the Python
+ * overhead is microseconds against milliseconds), and its ids are hashed so the table can say
+ * whether both produced the same ids.
  */
 #include <errno.h>
 #include <sched.h>
@@ -272,8 +273,8 @@ int main(int argc, char **argv)
     printf("| clusterkv (PCRE2 JIT) | %.2f | %.0f | %.1f | %.3f | - |\n", enc_s * 1e3,
            n_ids / enc_s, len / enc_s / 1e6, dec_s * 1e3);
     if (have_ll)
-        printf("| llama.cpp (llama-cpp-python) | %.2f | %.0f | %.1f | - | %s |\n", ll_s * 1e3, ll_n / ll_s, len / ll_s / 1e6,
-               ll_n == n_ids && ll_h == h ? "yes" : "NO");
+        printf("| llama.cpp (llama-cpp-python) | %.2f | %.0f | %.1f | - | %s |\n", ll_s * 1e3,
+               ll_n / ll_s, len / ll_s / 1e6, ll_n == n_ids && ll_h == h ? "yes" : "NO");
     else
         printf("| llama.cpp | not run (%s) | | | | |\n",
                llamacpp ? "python3 -c 'import llama_cpp' failed" : "--no-llamacpp");

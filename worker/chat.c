@@ -11,7 +11,6 @@
 
 #include <ctype.h>
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,18 +33,6 @@ static const struct {
     {"gemma", CHAT_FORMAT_GEMMA},
 };
 
-__attribute__((format(printf, 4, 5))) static int fail(int rc, char *err, size_t errlen,
-                                                      const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
-
 const char *chat_format_name(enum chat_format f)
 {
     for (size_t i = 0; i < CKV_ARRAY_LEN(FORMATS); i++)
@@ -63,10 +50,10 @@ int chat_template_by_name(const char *name, struct chat_template *out, char *err
             out->format = FORMATS[i].format;
             return 0;
         }
-    return fail(CKV_EUNSUPPORTED, err, errlen,
-                "chat template '%.40s' unknown; known: chatml, llama3, llama2, llama2-sys, "
-                "llama2-sys-bos, llama2-sys-strip, mistral-v7, phi3, zephyr, gemma",
-                name ? name : "(null)");
+    return ckv_errorf(CKV_EUNSUPPORTED, err, errlen,
+                      "chat template '%.40s' unknown; known: chatml, llama3, llama2, llama2-sys, "
+                      "llama2-sys-bos, llama2-sys-strip, mistral-v7, phi3, zephyr, gemma",
+                      name ? name : "(null)");
 }
 
 void chat_template_free(struct chat_template *t)
@@ -89,7 +76,10 @@ static const char *find(struct text t, const char *needle)
     return memmem(t.p, t.n, needle, strlen(needle));
 }
 
-static bool has(struct text t, const char *needle) { return find(t, needle) != NULL; }
+static bool has(struct text t, const char *needle)
+{
+    return find(t, needle) != NULL;
+}
 
 /*
  * The literal default system prompt of a ChatML template: a string literal of the template
@@ -104,7 +94,7 @@ static char *chatml_default_system(struct text t, bool *oom)
 {
     static const char open[] = "<|im_start|>system";
     *oom = false;
-    for (const char *at = find(t, open); at; ) {
+    for (const char *at = find(t, open); at;) {
         const char *end = t.p + t.n;
         const char *q = at - 1;
         char quote = at > t.p ? *q : 0;
@@ -208,27 +198,27 @@ int chat_template_detect(const char *tmpl, size_t len, struct chat_template *out
         out->format = CHAT_FORMAT_LLAMA3;
     }
     if (other)
-        return fail(CKV_EUNSUPPORTED, err, errlen,
-                    "chat template looks like llama.cpp's '%s', which this build does not "
-                    "format; name a template instead (chatml, llama3, llama2, ...)",
-                    other);
+        return ckv_errorf(CKV_EUNSUPPORTED, err, errlen,
+                          "chat template looks like llama.cpp's '%s', which this build does not "
+                          "format; name a template instead (chatml, llama3, llama2, ...)",
+                          other);
     if (!out->format)
-        return fail(CKV_EUNSUPPORTED, err, errlen,
-                    "chat template not recognised (%zu bytes, no known markers such as "
-                    "<|im_start|>, [INST], <|start_header_id|>, <start_of_turn>); name a "
-                    "template instead (chatml, llama3, llama2, ...)",
-                    len);
+        return ckv_errorf(CKV_EUNSUPPORTED, err, errlen,
+                          "chat template not recognised (%zu bytes, no known markers such as "
+                          "<|im_start|>, [INST], <|start_header_id|>, <start_of_turn>); name a "
+                          "template instead (chatml, llama3, llama2, ...)",
+                          len);
     if (out->format == CHAT_FORMAT_CHATML) {
         bool oom;
         out->default_system = chatml_default_system(t, &oom);
         if (oom)
-            return fail(-ENOMEM, err, errlen, "chat template: out of memory");
+            return ckv_errorf(-ENOMEM, err, errlen, "chat template: out of memory");
     }
     return 0;
 }
 
-int chat_template_from_gguf(const gguf_t *g, const char *name, struct chat_template *out,
-                            char *err, size_t errlen)
+int chat_template_from_gguf(const gguf_t *g, const char *name, struct chat_template *out, char *err,
+                            size_t errlen)
 {
     ASSERT(g && out);
     memset(out, 0, sizeof(*out));
@@ -237,9 +227,9 @@ int chat_template_from_gguf(const gguf_t *g, const char *name, struct chat_templ
     struct gguf_str s;
     int rc = gguf_get_str(g, "tokenizer.chat_template", &s, err, errlen);
     if (rc == -ENOENT)
-        return fail(-ENOENT, err, errlen,
-                    "the model has no chat template (tokenizer.chat_template); name one "
-                    "(chatml, llama3, llama2, ...)");
+        return ckv_errorf(-ENOENT, err, errlen,
+                          "the model has no chat template (tokenizer.chat_template); name one "
+                          "(chatml, llama3, llama2, ...)");
     if (rc < 0)
         return rc;
     return chat_template_detect(s.ptr, s.len, out, err, errlen);
@@ -258,7 +248,10 @@ static void append_trimmed(struct ckv_buf *b, const char *s)
     ckv_buf_append(b, s + i, n - i);
 }
 
-static void append(struct ckv_buf *b, const char *s) { ckv_buf_append(b, s, strlen(s)); }
+static void append(struct ckv_buf *b, const char *s)
+{
+    ckv_buf_append(b, s, strlen(s));
+}
 
 static void llama2(const struct chat_template *t, const struct chat_msg *msgs, int n,
                    struct ckv_buf *b)
@@ -396,11 +389,8 @@ int chat_apply(const struct chat_template *t, const struct chat_msg *msgs, int n
         if (add_gen_prompt)
             append(out, "<|assistant|>\n");
         break;
-    case CHAT_FORMAT_GEMMA:
-        gemma(msgs, n, add_gen_prompt, out);
-        break;
-    default:
-        ASSERT(!"chat_apply: template not initialised");
+    case CHAT_FORMAT_GEMMA: gemma(msgs, n, add_gen_prompt, out); break;
+    default: ASSERT(!"chat_apply: template not initialised");
     }
     bool oom = out->oom;
     out->oom = oom || oom_before;

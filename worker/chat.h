@@ -23,16 +23,16 @@
 
 /* Families, named as llama.cpp names them (chat_format_name()). */
 enum chat_format {
-    CHAT_FORMAT_CHATML = 1,        /* "chatml": <|im_start|>role\ncontent<|im_end|>\n */
-    CHAT_FORMAT_LLAMA3,            /* "llama3": <|start_header_id|>role<|end_header_id|>\n\n */
-    CHAT_FORMAT_LLAMA2,            /* "llama2": [INST] ... [/INST], system as plain text */
-    CHAT_FORMAT_LLAMA2_SYS,        /* "llama2-sys": system in <<SYS>> ... <</SYS>> */
-    CHAT_FORMAT_LLAMA2_SYS_BOS,    /* "llama2-sys-bos": and <s> before each later [INST] */
-    CHAT_FORMAT_LLAMA2_SYS_STRIP,  /* "llama2-sys-strip": and contents trimmed */
-    CHAT_FORMAT_MISTRAL_V7,        /* "mistral-v7": [SYSTEM_PROMPT] ... [INST] ... [/INST] */
-    CHAT_FORMAT_PHI3,              /* "phi3": <|role|>\ncontent<|end|>\n */
-    CHAT_FORMAT_ZEPHYR,            /* "zephyr": <|role|>\ncontent<|endoftext|>\n */
-    CHAT_FORMAT_GEMMA,             /* "gemma": <start_of_turn>user|model ... <end_of_turn> */
+    CHAT_FORMAT_CHATML = 1,       /* "chatml": <|im_start|>role\ncontent<|im_end|>\n */
+    CHAT_FORMAT_LLAMA3,           /* "llama3": <|start_header_id|>role<|end_header_id|>\n\n */
+    CHAT_FORMAT_LLAMA2,           /* "llama2": [INST] ... [/INST], system as plain text */
+    CHAT_FORMAT_LLAMA2_SYS,       /* "llama2-sys": system in <<SYS>> ... <</SYS>> */
+    CHAT_FORMAT_LLAMA2_SYS_BOS,   /* "llama2-sys-bos": and <s> before each later [INST] */
+    CHAT_FORMAT_LLAMA2_SYS_STRIP, /* "llama2-sys-strip": and contents trimmed */
+    CHAT_FORMAT_MISTRAL_V7,       /* "mistral-v7": [SYSTEM_PROMPT] ... [INST] ... [/INST] */
+    CHAT_FORMAT_PHI3,             /* "phi3": <|role|>\ncontent<|end|>\n */
+    CHAT_FORMAT_ZEPHYR,           /* "zephyr": <|role|>\ncontent<|endoftext|>\n */
+    CHAT_FORMAT_GEMMA,            /* "gemma": <start_of_turn>user|model ... <end_of_turn> */
 };
 
 struct chat_template {
@@ -59,8 +59,8 @@ int chat_template_by_name(const char *name, struct chat_template *out, char *err
 
 /* name != NULL: chat_template_by_name(name). Otherwise detects the GGUF's
  * tokenizer.chat_template; -ENOENT when the file has none (err says to name a template). */
-int chat_template_from_gguf(const gguf_t *g, const char *name, struct chat_template *out,
-                            char *err, size_t errlen);
+int chat_template_from_gguf(const gguf_t *g, const char *name, struct chat_template *out, char *err,
+                            size_t errlen);
 
 /* Frees default_system and zeroes the struct. */
 void chat_template_free(struct chat_template *t);

@@ -23,7 +23,6 @@
 #include "tokenizer.h"
 
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,8 +34,8 @@
 #include "ckv_log.h"
 
 #define TOKENIZER_DEFAULT_ID (-2) /* tokenizer_vocab: "the model kind's default" */
-#define PRE_MAX_REGEX 6
-#define TOKEN_MAX_LEN (1u << 20) /* a token text longer than 1 MiB is a broken vocabulary */
+#define PRE_MAX_REGEX        6
+#define TOKEN_MAX_LEN        (1u << 20) /* a token text longer than 1 MiB is a broken vocabulary */
 
 /* ------------------------------------------------------------------------------------------ */
 /* pre-tokenizers                                                                              */
@@ -53,12 +52,14 @@
  *    matches becomes a piece anyway, so this changes nothing but the matcher's work.
  * Capturing groups are written non-capturing (llama.cpp uses std::regex with nosubs).
  */
-#define WS_CHARS "\\t-\\r \\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}\\x{202f}\\x{205f}\\x{3000}"
-#define RE_S "[" WS_CHARS "]"
-#define RE_NS "[^" WS_CHARS "]"
-#define RE_NOT_SLN "[^" WS_CHARS "\\p{L}\\p{N}]"
+#define WS_CHARS                                                                                   \
+    "\\t-\\r "                                                                                     \
+    "\\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}\\x{202f}\\x{205f}\\x{3000}"
+#define RE_S        "[" WS_CHARS "]"
+#define RE_NS       "[^" WS_CHARS "]"
+#define RE_NOT_SLN  "[^" WS_CHARS "\\p{L}\\p{N}]"
 #define RE_CONTRACT "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
-#define RE_WS_TAIL "|" RE_S "*[\\r\\n]+|" RE_S "+(?!" RE_NS ")|" RE_S "+"
+#define RE_WS_TAIL  "|" RE_S "*[\\r\\n]+|" RE_S "+(?!" RE_NS ")|" RE_S "+"
 
 /* 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ */
 #define RE_GPT2                                                                                    \
@@ -71,8 +72,8 @@
 #define RE_UP "(?:(?=\\p{L})[^a-z])"
 #define RE_LO "(?:(?=\\p{L})[^A-Z])"
 #define RE_GPT4O_WITH(contract, num)                                                               \
-    "[^\\r\\n\\p{L}\\p{N}]?" RE_UP "*" RE_LO "+" contract "|[^\\r\\n\\p{L}\\p{N}]?" RE_UP "+" RE_LO \
-    "*" contract "|" num "| ?" RE_NOT_SLN "+[\\r\\n/]*" RE_WS_TAIL
+    "[^\\r\\n\\p{L}\\p{N}]?" RE_UP "*" RE_LO "+" contract "|[^\\r\\n\\p{L}\\p{N}]?" RE_UP          \
+    "+" RE_LO "*" contract "|" num "| ?" RE_NOT_SLN "+[\\r\\n/]*" RE_WS_TAIL
 
 struct pre_def {
     const char *names[12];                /* tokenizer.ggml.pre values, NULL-terminated */
@@ -98,10 +99,9 @@ static const struct pre_def PRE_DEFS[] = {
     {.names = {"gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de",
                "mpt", "olmo", "jais", "exaone4"},
      .regex = {RE_GPT2}},
-    {.names = {"falcon"},
-     .regex = {"[\\p{P}\\$\\+<=>\\^~\\|`]+", RE_GPT2, "[0-9][0-9][0-9]"}},
+    {.names = {"falcon"}, .regex = {"[\\p{P}\\$\\+<=>\\^~\\|`]+", RE_GPT2, "[0-9][0-9][0-9]"}},
     {.names = {"deepseek-coder"},
-     .regex = {"[\\r\\n]", "\\s?\\p{L}+", "\\s?\\p{P}+",
+     .regex = {"[\\r\\n]", RE_S "?\\p{L}+", RE_S "?\\p{P}+",
                "[\\x{4e00}-\\x{9fa5}\\x{0800}-\\x{4e00}\\x{ac00}-\\x{d7ff}]+", "\\p{N}"}},
     {.names = {"poro-chat", "bloom", "gpt3-finnish"},
      .regex = {" ?[^(" WS_CHARS "|.,!?\\x{2026}\\x{3002}\\x{ff0c}\\x{3001}\\x{964}\\x{6d4}"
@@ -113,7 +113,7 @@ static const struct pre_def PRE_DEFS[] = {
      .add_bos = true},
     {.names = {"seed-coder"},
      .regex = {RE_CONTRACT "|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1}| ?[^" WS_CHARS
-               "\\p{L}\\p{N}\\r\\n]+" RE_WS_TAIL}},
+                           "\\p{L}\\p{N}\\r\\n]+" RE_WS_TAIL}},
 };
 
 static const struct pre_def *pre_find(const char *name)
@@ -162,7 +162,8 @@ struct tokenizer {
     int n_re;
     bool ignore_merges;
 
-    int32_t *special; /* (n_special) ids of CONTROL / USER_DEFINED / UNKNOWN tokens, longest first */
+    int32_t
+        *special; /* (n_special) ids of CONTROL / USER_DEFINED / UNKNOWN tokens, longest first */
     int n_special;
 
     int32_t bos, eos, eot, eom, unk, pad;
@@ -176,18 +177,6 @@ struct tokenizer {
     /* SPM: byte fallback token of each byte (<0xNN>, else the one-byte token, else -1) */
     int32_t spm_byte_tok[256];
 };
-
-__attribute__((format(printf, 4, 5))) static int fail(int rc, char *err, size_t errlen,
-                                                      const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
 
 /* FNV-1a, 64 bit: token texts are short and this is not on a hot path worth more. */
 static uint64_t hash_bytes(const char *p, size_t n)
@@ -481,6 +470,67 @@ static void work_free(struct work *w)
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* merging, both kinds                                                                          */
+/* ------------------------------------------------------------------------------------------ */
+
+/*
+ * Queues the merge of symbol left with its right neighbour, if there is one: BPE when the two
+ * ids have a merge (priority: lowest rank), SPM when their concatenated text is a token
+ * (priority: highest score).
+ */
+static int add_cand(struct work *w, int32_t left, bool bpe)
+{
+    struct sym *s = w->syms;
+    if (left < 0 || s[left].next < 0)
+        return 0;
+    int32_t right = s[left].next;
+    if (bpe) {
+        if (s[left].id < 0 || s[right].id < 0)
+            return 0;
+        int32_t result;
+        int32_t rank = merge_find(w->t, s[left].id, s[right].id, &result);
+        if (rank < 0)
+            return 0;
+        return heap_push(&w->heap, (struct cand){-(float)rank, left, right, result, s[right].id});
+    }
+    uint32_t n = s[left].len + s[right].len;
+    int32_t id = tokenizer_find(w->t, w->buf + s[left].off, n);
+    if (id < 0)
+        return 0;
+    return heap_push(&w->heap, (struct cand){w->t->tok[id].score, left, right, (int32_t)n, -1});
+}
+
+/*
+ * The merge loop both kinds share: pop the best queued pair, skip it when stale, merge the
+ * right symbol into the left one and queue the pairs the merged symbol now forms. A pair is
+ * stale when the left symbol was absorbed or absorbed its right neighbour (that one is then
+ * empty), or when the right one absorbed its own right neighbour: BPE sees that in its id, SPM
+ * in the merged length.
+ */
+static int merge_run(struct work *w, bool bpe)
+{
+    struct sym *s = w->syms;
+    while (w->heap.n) {
+        struct cand c = heap_pop(&w->heap);
+        struct sym *l = &s[c.left], *r = &s[c.right];
+        if (l->len == 0 || r->len == 0 || l->next != c.right)
+            continue;
+        if (bpe ? r->id != c.right_id : l->len + r->len != (uint32_t)c.result)
+            continue;
+        l->len += r->len;
+        if (bpe)
+            l->id = c.result;
+        l->next = r->next;
+        if (r->next >= 0)
+            s[r->next].prev = c.left;
+        r->len = 0;
+        if (add_cand(w, l->prev, bpe) < 0 || add_cand(w, c.left, bpe) < 0)
+            return -ENOMEM;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* special tokens                                                                              */
 /* ------------------------------------------------------------------------------------------ */
 
@@ -604,8 +654,8 @@ static int bpe_pre_split(struct work *w, size_t len)
             PCRE2_SPTR subj = (PCRE2_SPTR)(w->shadow + in.off);
             size_t start = 0, prev = 0;
             while (start < in.len) {
-                int rc = pcre2_match(t->re[r], subj, in.len, start, PCRE2_NO_UTF_CHECK, w->md,
-                                     w->mctx);
+                int rc =
+                    pcre2_match(t->re[r], subj, in.len, start, PCRE2_NO_UTF_CHECK, w->md, w->mctx);
                 if (rc == PCRE2_ERROR_NOMATCH)
                     break;
                 if (rc < 0) {
@@ -653,21 +703,6 @@ static int bpe_emit_unknown(struct work *w, const char *enc, size_t n)
     return 0;
 }
 
-static int bpe_add_cand(struct work *w, int32_t left)
-{
-    struct sym *s = w->syms;
-    if (left < 0)
-        return 0;
-    int32_t right = s[left].next;
-    if (right < 0 || s[left].id < 0 || s[right].id < 0)
-        return 0;
-    int32_t result;
-    int32_t rank = merge_find(w->t, s[left].id, s[right].id, &result);
-    if (rank < 0)
-        return 0;
-    return heap_push(&w->heap, (struct cand){-(float)rank, left, right, result, s[right].id});
-}
-
 /* Merges one pre-tokenized word (bytes [off, off + len) of w->buf) and emits its ids. */
 static int bpe_word(struct work *w, size_t off, size_t len)
 {
@@ -696,25 +731,12 @@ static int bpe_word(struct work *w, size_t off, size_t len)
                             t->byte_tok[b[i]]};
     w->heap.n = 0;
     for (size_t i = 0; i + 1 < len; i++)
-        if (bpe_add_cand(w, (int32_t)i) < 0)
+        if (add_cand(w, (int32_t)i, true) < 0)
             return -ENOMEM;
 
-    while (w->heap.n) {
-        struct cand c = heap_pop(&w->heap);
-        struct sym *l = &s[c.left], *r = &s[c.right];
-        /* stale: the left symbol was absorbed or absorbed its right neighbour (then that one
-         * is empty), or the right one absorbed its own right neighbour (its id changed) */
-        if (l->len == 0 || r->len == 0 || l->next != c.right || r->id != c.right_id)
-            continue;
-        l->len += r->len;
-        l->id = c.result;
-        l->next = r->next;
-        if (r->next >= 0)
-            s[r->next].prev = c.left;
-        r->len = 0;
-        if (bpe_add_cand(w, l->prev) < 0 || bpe_add_cand(w, c.left) < 0)
-            return -ENOMEM;
-    }
+    int rc = merge_run(w, true);
+    if (rc < 0)
+        return rc;
 
     for (int32_t i = 0; i >= 0; i = s[i].next) {
         if (s[i].id >= 0) {
@@ -750,21 +772,6 @@ static int bpe_fragment(struct work *w, const char *text, size_t len)
 /* ------------------------------------------------------------------------------------------ */
 /* SentencePiece                                                                                */
 /* ------------------------------------------------------------------------------------------ */
-
-static int spm_add_cand(struct work *w, int32_t left)
-{
-    struct sym *s = w->syms;
-    if (left < 0)
-        return 0;
-    int32_t right = s[left].next;
-    if (right < 0)
-        return 0;
-    uint32_t n = s[left].len + s[right].len;
-    int32_t id = tokenizer_find(w->t, w->buf + s[left].off, n);
-    if (id < 0)
-        return 0;
-    return heap_push(&w->heap, (struct cand){w->t->tok[id].score, left, right, (int32_t)n, -1});
-}
 
 static int spm_fragment(struct work *w, const char *text, size_t len, bool prefix_space)
 {
@@ -803,23 +810,12 @@ static int spm_fragment(struct work *w, const char *text, size_t len, bool prefi
     }
     w->heap.n = 0;
     for (int32_t i = 0; i + 1 < ns; i++)
-        if (spm_add_cand(w, i) < 0)
+        if (add_cand(w, i, false) < 0)
             return -ENOMEM;
 
-    while (w->heap.n) {
-        struct cand c = heap_pop(&w->heap);
-        struct sym *l = &s[c.left], *r = &s[c.right];
-        if (l->len == 0 || r->len == 0 || l->next != c.right ||
-            l->len + r->len != (uint32_t)c.result)
-            continue;
-        l->len += r->len;
-        l->next = r->next;
-        if (r->next >= 0)
-            s[r->next].prev = c.left;
-        r->len = 0;
-        if (spm_add_cand(w, l->prev) < 0 || spm_add_cand(w, c.left) < 0)
-            return -ENOMEM;
-    }
+    int rc = merge_run(w, false);
+    if (rc < 0)
+        return rc;
 
     for (int32_t i = 0; ns > 0 && i >= 0; i = s[i].next) {
         int32_t id = tokenizer_find(t, w->buf + s[i].off, s[i].len);
@@ -936,8 +932,8 @@ static bool piece_hidden(const tokenizer_t *t, int32_t id, bool render_special)
     return !render_special && (ty == TOKENIZER_TOKEN_CONTROL || ty == TOKENIZER_TOKEN_UNKNOWN);
 }
 
-int tokenizer_token_bytes(const tokenizer_t *t, int32_t id, bool render_special,
-                          const char **bytes, size_t *len)
+int tokenizer_token_bytes(const tokenizer_t *t, int32_t id, bool render_special, const char **bytes,
+                          size_t *len)
 {
     ASSERT(t && bytes && len);
     if (id < 0 || id >= t->n_tokens)
@@ -1088,16 +1084,46 @@ int tokenizer_stream_flush(struct tokenizer_stream *s, struct ckv_buf *out)
 /* facts                                                                                        */
 /* ------------------------------------------------------------------------------------------ */
 
-int tokenizer_n_vocab(const tokenizer_t *t) { return t->n_tokens; }
-enum tokenizer_kind tokenizer_kind(const tokenizer_t *t) { return t->kind; }
-const char *tokenizer_pre(const tokenizer_t *t) { return t->pre_name; }
-int32_t tokenizer_bos(const tokenizer_t *t) { return t->bos; }
-int32_t tokenizer_eos(const tokenizer_t *t) { return t->eos; }
-int32_t tokenizer_eot(const tokenizer_t *t) { return t->eot; }
-int32_t tokenizer_unk(const tokenizer_t *t) { return t->unk; }
-int32_t tokenizer_pad(const tokenizer_t *t) { return t->pad; }
-bool tokenizer_add_bos(const tokenizer_t *t) { return t->add_bos; }
-bool tokenizer_add_eos(const tokenizer_t *t) { return t->add_eos; }
+int tokenizer_n_vocab(const tokenizer_t *t)
+{
+    return t->n_tokens;
+}
+enum tokenizer_kind tokenizer_kind(const tokenizer_t *t)
+{
+    return t->kind;
+}
+const char *tokenizer_pre(const tokenizer_t *t)
+{
+    return t->pre_name;
+}
+int32_t tokenizer_bos(const tokenizer_t *t)
+{
+    return t->bos;
+}
+int32_t tokenizer_eos(const tokenizer_t *t)
+{
+    return t->eos;
+}
+int32_t tokenizer_eot(const tokenizer_t *t)
+{
+    return t->eot;
+}
+int32_t tokenizer_unk(const tokenizer_t *t)
+{
+    return t->unk;
+}
+int32_t tokenizer_pad(const tokenizer_t *t)
+{
+    return t->pad;
+}
+bool tokenizer_add_bos(const tokenizer_t *t)
+{
+    return t->add_bos;
+}
+bool tokenizer_add_eos(const tokenizer_t *t)
+{
+    return t->add_eos;
+}
 
 bool tokenizer_is_eog(const tokenizer_t *t, int32_t id)
 {
@@ -1184,10 +1210,11 @@ static int build_text(tokenizer_t *t, const struct tokenizer_vocab *v, char *err
     size_t total = 0;
     for (int32_t i = 0; i < v->n_tokens; i++) {
         if (!v->tokens[i])
-            return fail(CKV_EFORMAT, err, errlen, "tokenizer: token %d has no text", i);
+            return ckv_errorf(CKV_EFORMAT, err, errlen, "tokenizer: token %d has no text", i);
         size_t n = v->token_lens ? v->token_lens[i] : strlen(v->tokens[i]);
         if (n > TOKEN_MAX_LEN)
-            return fail(CKV_EFORMAT, err, errlen, "tokenizer: token %d is %zu bytes long", i, n);
+            return ckv_errorf(CKV_EFORMAT, err, errlen, "tokenizer: token %d is %zu bytes long", i,
+                              n);
         total += n ? n : 24; /* an empty text becomes "[EMPTY_<id>]" as in llama.cpp */
     }
     t->text = malloc(total + 1);
@@ -1204,7 +1231,7 @@ static int build_text(tokenizer_t *t, const struct tokenizer_vocab *v, char *err
             memcpy(t->text + off, v->tokens[i], n);
         }
         if (off + n > UINT32_MAX)
-            return fail(CKV_EFORMAT, err, errlen, "tokenizer: token texts above 4 GiB");
+            return ckv_errorf(CKV_EFORMAT, err, errlen, "tokenizer: token texts above 4 GiB");
         t->tok[i].text_len = (uint32_t)n;
         t->max_token_len = CKV_MAX(t->max_token_len, (uint32_t)n);
         off += n;
@@ -1233,9 +1260,9 @@ static int build_text(tokenizer_t *t, const struct tokenizer_vocab *v, char *err
                 break;
             if (t->tok[o].text_len == n && memcmp(tok_text(t, o), s, n) == 0) {
                 char buf[80];
-                return fail(CKV_EFORMAT, err, errlen,
-                            "tokenizer: duplicate token '%s' at ids %d and %d",
-                            show(s, n, buf, sizeof(buf)), o, i);
+                return ckv_errorf(CKV_EFORMAT, err, errlen,
+                                  "tokenizer: duplicate token '%s' at ids %d and %d",
+                                  show(s, n, buf, sizeof(buf)), o, i);
             }
         }
         t->text_hash[h] = i;
@@ -1243,8 +1270,7 @@ static int build_text(tokenizer_t *t, const struct tokenizer_vocab *v, char *err
     return 0;
 }
 
-static int build_merges(tokenizer_t *t, const struct tokenizer_vocab *v, char *err,
-                        size_t errlen)
+static int build_merges(tokenizer_t *t, const struct tokenizer_vocab *v, char *err, size_t errlen)
 {
     uint64_t slots = 16;
     while (slots < 2 * (uint64_t)v->n_merges)
@@ -1259,7 +1285,7 @@ static int build_merges(tokenizer_t *t, const struct tokenizer_vocab *v, char *e
     int32_t dropped = 0, first_dropped = -1;
     for (int32_t r = 0; r < v->n_merges; r++) {
         if (!v->merges[r])
-            return fail(CKV_EFORMAT, err, errlen, "tokenizer: merge %d has no text", r);
+            return ckv_errorf(CKV_EFORMAT, err, errlen, "tokenizer: merge %d has no text", r);
         const char *m = v->merges[r];
         size_t n = v->merge_lens ? v->merge_lens[r] : strlen(m);
         /* "left right": llama.cpp splits at the first space after the first byte */
@@ -1318,9 +1344,9 @@ static int build_regex(tokenizer_t *t, const struct pre_def *pd, char *err, size
             PCRE2_UCHAR msg[160];
             pcre2_get_error_message(ec, msg, sizeof(msg));
             /* our own table is wrong: a bug, but reported, not asserted */
-            return fail(CKV_EUNSUPPORTED, err, errlen,
-                        "tokenizer: pre-tokenizer '%s' regex %d does not compile at %zu: %s",
-                        t->pre_name, i, (size_t)eo, (const char *)msg);
+            return ckv_errorf(CKV_EUNSUPPORTED, err, errlen,
+                              "tokenizer: pre-tokenizer '%s' regex %d does not compile at %zu: %s",
+                              t->pre_name, i, (size_t)eo, (const char *)msg);
         }
         /* JIT where available (much faster); the interpreter otherwise */
         (void)pcre2_jit_compile(re, PCRE2_JIT_COMPLETE);
@@ -1331,29 +1357,80 @@ static int build_regex(tokenizer_t *t, const struct pre_def *pd, char *err, size
 
 /* Texts llama.cpp uses to find EOT / EOM / FIM tokens and end-of-generation tokens
  * (llama_vocab::impl::load). Each found token is made CONTROL. */
-static const char *const EOT_TEXTS[] = {
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-    "<EOT>", "_<EOT>", "[EOT]", "<\xef\xbd\x9c" "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>",
-    "<end_of_utterance>", NULL};
-static const char *const FIM_PRE_TEXTS[] = {
-    "<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\xef\xbd\x9c" "fim\xe2\x96\x81" "begin\xef\xbd\x9c>",
-    "<PRE>", "\xe2\x96\x81<PRE>", "<|code_prefix|>", "<|prefix|>", NULL};
-static const char *const FIM_SUF_TEXTS[] = {
-    "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<\xef\xbd\x9c" "fim\xe2\x96\x81hole\xef\xbd\x9c>",
-    "<SUF>", "\xe2\x96\x81<SUF>", "<|code_suffix|>", "<|suffix|>", NULL};
-static const char *const FIM_MID_TEXTS[] = {
-    "<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<\xef\xbd\x9c" "fim\xe2\x96\x81" "end\xef\xbd\x9c>",
-    "<MID>", "\xe2\x96\x81<MID>", "<|code_middle|>", "<|middle|>", NULL};
-static const char *const FIM_PAD_TEXTS[] = {"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>",
-                                            "[PAD]", NULL};
+static const char *const EOT_TEXTS[] = {"<|eot_id|>",
+                                        "<|im_end|>",
+                                        "<|end|>",
+                                        "<end_of_turn>",
+                                        "<|endoftext|>",
+                                        "<|end_of_text|>",
+                                        "<EOT>",
+                                        "_<EOT>",
+                                        "[EOT]",
+                                        "<\xef\xbd\x9c"
+                                        "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>",
+                                        "<end_of_utterance>",
+                                        NULL};
+static const char *const FIM_PRE_TEXTS[] = {"<|fim_prefix|>",
+                                            "<fim-prefix>",
+                                            "<fim_prefix>",
+                                            "<\xef\xbd\x9c"
+                                            "fim\xe2\x96\x81"
+                                            "begin\xef\xbd\x9c>",
+                                            "<PRE>",
+                                            "\xe2\x96\x81<PRE>",
+                                            "<|code_prefix|>",
+                                            "<|prefix|>",
+                                            NULL};
+static const char *const FIM_SUF_TEXTS[] = {"<|fim_suffix|>",
+                                            "<fim-suffix>",
+                                            "<fim_suffix>",
+                                            "<\xef\xbd\x9c"
+                                            "fim\xe2\x96\x81hole\xef\xbd\x9c>",
+                                            "<SUF>",
+                                            "\xe2\x96\x81<SUF>",
+                                            "<|code_suffix|>",
+                                            "<|suffix|>",
+                                            NULL};
+static const char *const FIM_MID_TEXTS[] = {"<|fim_middle|>",
+                                            "<fim-middle>",
+                                            "<fim_middle>",
+                                            "<\xef\xbd\x9c"
+                                            "fim\xe2\x96\x81"
+                                            "end\xef\xbd\x9c>",
+                                            "<MID>",
+                                            "\xe2\x96\x81<MID>",
+                                            "<|code_middle|>",
+                                            "<|middle|>",
+                                            NULL};
+static const char *const FIM_PAD_TEXTS[] = {"<|fim_pad|>", "<fim-pad>", "<fim_pad>",
+                                            "<PAD>",       "[PAD]",     NULL};
 static const char *const FIM_REP_TEXTS[] = {"<|fim_repo|>", "<|repo_name|>", "<fim-repo>",
-                                            "<REPO>", "<reponame>", NULL};
+                                            "<REPO>",       "<reponame>",    NULL};
 static const char *const FIM_SEP_TEXTS[] = {"<|file_sep|>", NULL};
-static const char *const EOG_TEXTS[] = {
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-    "<\xef\xbd\x9c" "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>", "[e~[", NULL};
+static const char *const EOG_TEXTS[] = {"<|eot_id|>",
+                                        "<|im_end|>",
+                                        "<|end|>",
+                                        "<|return|>",
+                                        "<|call|>",
+                                        "<|flush|>",
+                                        "<|calls|>",
+                                        "<end_of_turn>",
+                                        "<|endoftext|>",
+                                        "</s>",
+                                        "<|eom_id|>",
+                                        "<EOT>",
+                                        "_<EOT>",
+                                        "[EOT]",
+                                        "[EOS]",
+                                        "<|end_of_text|>",
+                                        "<end_of_utterance>",
+                                        "<eos>",
+                                        "<turn|>",
+                                        "<|tool_response>",
+                                        "<\xef\xbd\x9c"
+                                        "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>",
+                                        "[e~[",
+                                        NULL};
 
 /* Lowest id whose text is in list, or -1. (llama.cpp walks a hash map; where a vocabulary has
  * several candidates its pick is arbitrary, ours is the lowest id.) */
@@ -1499,8 +1576,7 @@ static int build_pieces(tokenizer_t *t)
                 }
             }
             break;
-        default: /* UNUSED, UNDEFINED: nothing, as llama.cpp */
-            break;
+        default: /* UNUSED, UNDEFINED: nothing, as llama.cpp */ break;
         }
         e->piece_off = (uint32_t)start;
         e->piece_len = (uint32_t)(o - start);
@@ -1558,11 +1634,12 @@ int tokenizer_new(const struct tokenizer_vocab *v, tokenizer_t **out, char *err,
     ASSERT(v && out);
     *out = NULL;
     if (!v->model)
-        return fail(CKV_EFORMAT, err, errlen, "tokenizer: no model kind (tokenizer.ggml.model)");
+        return ckv_errorf(CKV_EFORMAT, err, errlen,
+                          "tokenizer: no model kind (tokenizer.ggml.model)");
     if (v->n_tokens <= 0 || !v->tokens)
-        return fail(CKV_EFORMAT, err, errlen, "tokenizer: empty vocabulary");
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "tokenizer: empty vocabulary");
     if (v->n_merges < 0 || (v->n_merges > 0 && !v->merges))
-        return fail(CKV_EFORMAT, err, errlen, "tokenizer: bad merge list");
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "tokenizer: bad merge list");
 
     tokenizer_t *t = calloc(1, sizeof(*t));
     if (!t)
@@ -1577,26 +1654,28 @@ int tokenizer_new(const struct tokenizer_vocab *v, tokenizer_t **out, char *err,
                      "as llama.cpp does; tokenization may differ from the model's training");
         pd = pre_find(pre);
         if (!pd) {
-            rc = fail(CKV_EUNSUPPORTED, err, errlen,
-                      "tokenizer: unknown pre-tokenizer '%.40s' (tokenizer.ggml.pre); known: "
-                      "default, gpt-2, llama3, qwen2, smollm, starcoder, falcon, deepseek-coder, "
-                      "gpt-4o, tekken, seed-coder, bloom and their aliases",
-                      pre);
+            rc = ckv_errorf(
+                CKV_EUNSUPPORTED, err, errlen,
+                "tokenizer: unknown pre-tokenizer '%.40s' (tokenizer.ggml.pre); known: "
+                "default, gpt-2, llama3, qwen2, smollm, starcoder, falcon, deepseek-coder, "
+                "gpt-4o, tekken, seed-coder, bloom and their aliases",
+                pre);
             goto err;
         }
         snprintf(t->pre_name, sizeof(t->pre_name), "%s", pre);
     } else if (strcmp(v->model, "llama") == 0) {
         t->kind = TOKENIZER_SPM;
     } else {
-        rc = fail(CKV_EUNSUPPORTED, err, errlen,
-                  "tokenizer: model kind '%.40s' (tokenizer.ggml.model) is not supported; "
-                  "supported: gpt2 (byte-level BPE), llama (SentencePiece)",
-                  v->model);
+        rc = ckv_errorf(CKV_EUNSUPPORTED, err, errlen,
+                        "tokenizer: model kind '%.40s' (tokenizer.ggml.model) is not supported; "
+                        "supported: gpt2 (byte-level BPE), llama (SentencePiece)",
+                        v->model);
         goto err;
     }
     if (t->kind == TOKENIZER_BPE && v->n_merges == 0) {
-        rc = fail(CKV_EFORMAT, err, errlen, "tokenizer: BPE vocabulary without merges "
-                                            "(tokenizer.ggml.merges)");
+        rc = ckv_errorf(CKV_EFORMAT, err, errlen,
+                        "tokenizer: BPE vocabulary without merges "
+                        "(tokenizer.ggml.merges)");
         goto err;
     }
 
@@ -1620,13 +1699,15 @@ int tokenizer_new(const struct tokenizer_vocab *v, tokenizer_t **out, char *err,
     t->add_eos = v->add_eos >= 0 ? v->add_eos : false;
     t->add_space_prefix = v->add_space_prefix >= 0 ? v->add_space_prefix : spm;
     if (t->add_bos && t->bos < 0) {
-        rc = fail(CKV_EFORMAT, err, errlen, "tokenizer: add_bos_token is true but there is no "
-                                            "BOS token (tokenizer.ggml.bos_token_id)");
+        rc = ckv_errorf(CKV_EFORMAT, err, errlen,
+                        "tokenizer: add_bos_token is true but there is no "
+                        "BOS token (tokenizer.ggml.bos_token_id)");
         goto err;
     }
     if (t->add_eos && t->eos < 0) {
-        rc = fail(CKV_EFORMAT, err, errlen, "tokenizer: add_eos_token is true but there is no "
-                                            "EOS token (tokenizer.ggml.eos_token_id)");
+        rc = ckv_errorf(CKV_EFORMAT, err, errlen,
+                        "tokenizer: add_eos_token is true but there is no "
+                        "EOS token (tokenizer.ggml.eos_token_id)");
         goto err;
     }
 
@@ -1659,7 +1740,7 @@ int tokenizer_new(const struct tokenizer_vocab *v, tokenizer_t **out, char *err,
     return 0;
 err:
     if (rc == -ENOMEM)
-        fail(rc, err, errlen, "tokenizer: out of memory");
+        ckv_errorf(rc, err, errlen, "tokenizer: out of memory");
     tokenizer_destroy(&t);
     return rc;
 }
@@ -1682,11 +1763,11 @@ static int gguf_strings(const gguf_t *g, const char *key, const char ***ptrs, ui
     if (rc < 0)
         return rc;
     if (et != GGUF_TYPE_STRING)
-        return fail(CKV_EFORMAT, err, errlen, "metadata '%s': array of %s, expected strings", key,
-                    gguf_type_name(et));
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': array of %s, expected strings",
+                          key, gguf_type_name(et));
     if (cnt > INT32_MAX)
-        return fail(CKV_EFORMAT, err, errlen, "metadata '%s': %llu entries", key,
-                    (unsigned long long)cnt);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': %llu entries", key,
+                          (unsigned long long)cnt);
     *ptrs = malloc((cnt ? cnt : 1) * sizeof(**ptrs));
     *lens = malloc((cnt ? cnt : 1) * sizeof(**lens));
     if (!*ptrs || !*lens)
@@ -1694,11 +1775,11 @@ static int gguf_strings(const gguf_t *g, const char *key, const char ***ptrs, ui
     for (uint64_t i = 0; i < cnt; i++) {
         struct gguf_str s;
         if (gguf_get_arr_str(g, key, i, &s) < 0)
-            return fail(CKV_EFORMAT, err, errlen, "metadata '%s': entry %llu unreadable", key,
-                        (unsigned long long)i);
+            return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': entry %llu unreadable", key,
+                              (unsigned long long)i);
         if (s.len > TOKEN_MAX_LEN)
-            return fail(CKV_EFORMAT, err, errlen, "metadata '%s': entry %llu is %llu bytes", key,
-                        (unsigned long long)i, (unsigned long long)s.len);
+            return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': entry %llu is %llu bytes",
+                              key, (unsigned long long)i, (unsigned long long)s.len);
         (*ptrs)[i] = s.ptr;
         (*lens)[i] = (uint32_t)s.len;
     }
@@ -1707,8 +1788,8 @@ static int gguf_strings(const gguf_t *g, const char *key, const char ***ptrs, ui
 }
 
 /* An optional numeric array of at least n elements of one of two types, copied out. */
-static int gguf_numbers(const gguf_t *g, const char *key, int32_t n, bool want_float,
-                        void **out, char *err, size_t errlen)
+static int gguf_numbers(const gguf_t *g, const char *key, int32_t n, bool want_float, void **out,
+                        char *err, size_t errlen)
 {
     enum gguf_type et;
     uint64_t cnt;
@@ -1720,11 +1801,11 @@ static int gguf_numbers(const gguf_t *g, const char *key, int32_t n, bool want_f
     if (rc < 0)
         return rc;
     if (cnt < (uint64_t)n)
-        return fail(CKV_EFORMAT, err, errlen, "metadata '%s': %llu entries for %d tokens", key,
-                    (unsigned long long)cnt, n);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': %llu entries for %d tokens",
+                          key, (unsigned long long)cnt, n);
     if (!(et == GGUF_TYPE_FLOAT32 && want_float) && et != GGUF_TYPE_INT32)
-        return fail(CKV_EFORMAT, err, errlen, "metadata '%s': array of %s, expected %s", key,
-                    gguf_type_name(et), want_float ? "float32 or int32" : "int32");
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': array of %s, expected %s", key,
+                          gguf_type_name(et), want_float ? "float32 or int32" : "int32");
     void *a = malloc((size_t)n * 4 + 4);
     if (!a)
         return -ENOMEM;
@@ -1800,7 +1881,8 @@ int tokenizer_new_from_gguf(const gguf_t *g, tokenizer_t **out, char *err, size_
 
     model = gguf_cstr(g, "tokenizer.ggml.model", &rc, err, errlen);
     if (rc == -ENOENT) {
-        rc = fail(CKV_EFORMAT, err, errlen, "tokenizer: the GGUF has no tokenizer.ggml.model");
+        rc =
+            ckv_errorf(CKV_EFORMAT, err, errlen, "tokenizer: the GGUF has no tokenizer.ggml.model");
         goto out;
     }
     if (rc < 0)
@@ -1812,15 +1894,16 @@ int tokenizer_new_from_gguf(const gguf_t *g, tokenizer_t **out, char *err, size_
                            errlen)) < 0)
         goto out;
     if (v.n_tokens == 0) {
-        rc = fail(CKV_EFORMAT, err, errlen, "tokenizer: the GGUF has no tokenizer.ggml.tokens");
+        rc = ckv_errorf(CKV_EFORMAT, err, errlen,
+                        "tokenizer: the GGUF has no tokenizer.ggml.tokens");
         goto out;
     }
     if ((rc = gguf_strings(g, "tokenizer.ggml.merges", &merges, &merge_lens, &v.n_merges, err,
                            errlen)) < 0 ||
         (rc = gguf_numbers(g, "tokenizer.ggml.scores", v.n_tokens, true, (void **)&scores, err,
                            errlen)) < 0 ||
-        (rc = gguf_numbers(g, "tokenizer.ggml.token_type", v.n_tokens, false, (void **)&types,
-                           err, errlen)) < 0)
+        (rc = gguf_numbers(g, "tokenizer.ggml.token_type", v.n_tokens, false, (void **)&types, err,
+                           errlen)) < 0)
         goto out;
     if ((rc = gguf_id(g, "tokenizer.ggml.bos_token_id", &v.bos_id, err, errlen)) < 0 ||
         (rc = gguf_id(g, "tokenizer.ggml.eos_token_id", &v.eos_id, err, errlen)) < 0 ||
@@ -1830,8 +1913,8 @@ int tokenizer_new_from_gguf(const gguf_t *g, tokenizer_t **out, char *err, size_
         (rc = gguf_id(g, "tokenizer.ggml.eom_token_id", &v.eom_id, err, errlen)) < 0 ||
         (rc = gguf_flag(g, "tokenizer.ggml.add_bos_token", &v.add_bos, err, errlen)) < 0 ||
         (rc = gguf_flag(g, "tokenizer.ggml.add_eos_token", &v.add_eos, err, errlen)) < 0 ||
-        (rc = gguf_flag(g, "tokenizer.ggml.add_space_prefix", &v.add_space_prefix, err,
-                        errlen)) < 0)
+        (rc = gguf_flag(g, "tokenizer.ggml.add_space_prefix", &v.add_space_prefix, err, errlen)) <
+            0)
         goto out;
 
     v.model = model;
@@ -1845,7 +1928,7 @@ int tokenizer_new_from_gguf(const gguf_t *g, tokenizer_t **out, char *err, size_
     rc = tokenizer_new(&v, out, err, errlen);
 out:
     if (rc == -ENOMEM)
-        fail(rc, err, errlen, "tokenizer: out of memory");
+        ckv_errorf(rc, err, errlen, "tokenizer: out of memory");
     free(model);
     free(pre);
     free(tokens);

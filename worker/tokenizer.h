@@ -98,8 +98,9 @@ void tokenizer_destroy(tokenizer_t **t);
 /*
  * Encodes len bytes of text (any bytes: invalid UTF-8 is tokenized as llama.cpp does, each
  * invalid byte read as U+FFFD; a byte the byte-level vocabulary has no token for is dropped, as
- * llama.cpp drops it: SmolLM2 lacks 0x04 0x06 0x13 0x14 0x16 0x1d). add_special: add BOS / EOS as the vocabulary says
- * (tokenizer_add_bos() / tokenizer_add_eos()). parse_special: recognise control tokens such as
+ * llama.cpp drops it: SmolLM2 lacks 0x04 0x06 0x13 0x14 0x16 0x1d). add_special: add BOS / EOS as
+ * the vocabulary says (tokenizer_add_bos() / tokenizer_add_eos()). parse_special: recognise control
+ * tokens such as
  * "<|im_start|>" in the text (user-defined tokens are always recognised).
  * Writes at most cap ids to ids (ids may be NULL when cap is 0) and the full count to *n_ids.
  * Returns 0, -ENOSPC when the ids did not fit (then *n_ids is the count needed), -EINVAL on
@@ -120,8 +121,8 @@ int tokenizer_encode_alloc(const tokenizer_t *t, const char *text, size_t len, b
  * t (not NUL-terminated); a piece may be a partial UTF-8 sequence.
  * Returns 0 or -EINVAL (id out of range).
  */
-int tokenizer_token_bytes(const tokenizer_t *t, int32_t id, bool render_special,
-                          const char **bytes, size_t *len);
+int tokenizer_token_bytes(const tokenizer_t *t, int32_t id, bool render_special, const char **bytes,
+                          size_t *len);
 
 /* Appends the text of n ids to out: the concatenated pieces, without the space the encoder
  * put before the text of a SentencePiece vocabulary (so decode(encode(x)) == x for valid

@@ -28,8 +28,9 @@ static bool bpe_byte_ok[256]; /* the byte has a token (SmolLM2 lacks six control
 
 static tokenizer_t *make_spm(void)
 {
-    static const char *pieces[] = {"<unk>", "<s>", "</s>", "\xe2\x96\x81", "\xe2\x96\x81t", "he",
-                                   "\xe2\x96\x81the", "ll", "llo", "a", "b", "ab", "<tool>"};
+    static const char *pieces[] = {
+        "<unk>", "<s>", "</s>", "\xe2\x96\x81", "\xe2\x96\x81t", "he", "\xe2\x96\x81the", "ll",
+        "llo",   "a",   "b",    "ab",           "<tool>"};
     static const int32_t piece_types[] = {2, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4};
     enum { N_PIECES = sizeof(pieces) / sizeof(pieces[0]) };
     static char bytes[256][8];
@@ -96,8 +97,11 @@ static bool valid_utf8(const uint8_t *s, size_t n)
 {
     for (size_t i = 0; i < n;) {
         uint8_t b = s[i];
-        size_t k = b < 0x80 ? 1 : b >= 0xc2 && b <= 0xdf ? 2 : b >= 0xe0 && b <= 0xef ? 3
-                                                            : b >= 0xf0 && b <= 0xf4 ? 4 : 0;
+        size_t k = b < 0x80                 ? 1
+                   : b >= 0xc2 && b <= 0xdf ? 2
+                   : b >= 0xe0 && b <= 0xef ? 3
+                   : b >= 0xf0 && b <= 0xf4 ? 4
+                                            : 0;
         if (!k || i + k > n)
             return false;
         for (size_t j = 1; j < k; j++)

@@ -114,8 +114,7 @@ Test(chat, matches_the_default_models_jinja_template)
     load();
     struct chat_template t;
     char err[256];
-    cr_assert_eq(chat_template_detect(model_template, strlen(model_template), &t, err,
-                                      sizeof(err)),
+    cr_assert_eq(chat_template_detect(model_template, strlen(model_template), &t, err, sizeof(err)),
                  0, "%s", err);
     cr_assert_eq(t.format, CHAT_FORMAT_CHATML);
     cr_assert_str_eq(t.default_system,
@@ -215,8 +214,7 @@ Test(chat, refuses_unknown_templates_with_a_reason)
     cr_assert(strstr(err, "not recognised"), "%s", err);
     cr_assert(strstr(err, "chatml"), "%s", err); /* says what can be named instead */
     const char *phi4 = "{{ '<|im_start|>' + role + '<|im_sep|>' }}";
-    cr_assert_eq(chat_template_detect(phi4, strlen(phi4), &t, err, sizeof(err)),
-                 CKV_EUNSUPPORTED);
+    cr_assert_eq(chat_template_detect(phi4, strlen(phi4), &t, err, sizeof(err)), CKV_EUNSUPPORTED);
     cr_assert(strstr(err, "phi4"), "%s", err);
     const char *glm = "[gMASK]<sop>{{ '<|user|>' }}";
     cr_assert_eq(chat_template_detect(glm, strlen(glm), &t, err, sizeof(err)), CKV_EUNSUPPORTED);
@@ -237,27 +235,18 @@ Test(chat, refuses_unknown_templates_with_a_reason)
 /* A GGUF without tokenizer.chat_template: -ENOENT unless a template is named. */
 Test(chat, gguf_without_template_needs_a_name)
 {
-    uint8_t img[64];
-    size_t n = 0;
-    memcpy(img, "GGUF", 4);
-    n = 4;
-    uint32_t v = 3;
-    memcpy(img + n, &v, 4);
-    n += 4;
-    uint64_t zero = 0;
-    memcpy(img + n, &zero, 8); /* tensors */
-    n += 8;
-    memcpy(img + n, &zero, 8); /* metadata */
-    n += 8;
+    struct ckv_test_img m = {0};
+    ckv_test_img_header(&m, 3, 0, 0);
     gguf_t *g;
     char err[256];
-    cr_assert_eq(gguf_open_mem(img, n, &g, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(gguf_open_mem(m.p, m.len, &g, err, sizeof(err)), 0, "%s", err);
     struct chat_template t;
     cr_assert_eq(chat_template_from_gguf(g, NULL, &t, err, sizeof(err)), -ENOENT);
     cr_assert(strstr(err, "tokenizer.chat_template"), "%s", err);
     cr_assert_eq(chat_template_from_gguf(g, "llama3", &t, err, sizeof(err)), 0);
     cr_assert_eq(t.format, CHAT_FORMAT_LLAMA3);
     gguf_close(&g);
+    free(m.p);
 }
 
 /* End to end on the default model: its template, applied and encoded with special tokens,

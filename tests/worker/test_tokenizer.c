@@ -21,7 +21,7 @@
 /* ------------------------------------------------------------------------------------------ */
 
 struct fx_case {
-    char pre[32];   /* pre-tokenizer, or "spm" */
+    char pre[32]; /* pre-tokenizer, or "spm" */
     bool add, parse;
     uint8_t *text;
     size_t len;
@@ -152,8 +152,8 @@ static const char *show_bytes(const uint8_t *p, size_t n)
     static char buf[400];
     size_t o = 0;
     for (size_t i = 0; i < n && o + 8 < sizeof(buf); i++)
-        o += (size_t)snprintf(buf + o, sizeof(buf) - o, p[i] >= 0x20 && p[i] < 0x7f ? "%c" : "\\x%02x",
-                              p[i]);
+        o += (size_t)snprintf(buf + o, sizeof(buf) - o,
+                              p[i] >= 0x20 && p[i] < 0x7f ? "%c" : "\\x%02x", p[i]);
     buf[o] = 0;
     return buf;
 }
@@ -182,17 +182,21 @@ static bool valid_utf8(const uint8_t *s, size_t n)
 {
     for (size_t i = 0; i < n;) {
         uint8_t b = s[i];
-        size_t k = b < 0x80 ? 1 : b >= 0xc2 && b <= 0xdf ? 2 : b >= 0xe0 && b <= 0xef ? 3
-                                                            : b >= 0xf0 && b <= 0xf4 ? 4 : 0;
+        size_t k = b < 0x80                 ? 1
+                   : b >= 0xc2 && b <= 0xdf ? 2
+                   : b >= 0xe0 && b <= 0xef ? 3
+                   : b >= 0xf0 && b <= 0xf4 ? 4
+                                            : 0;
         if (!k || i + k > n)
             return false;
         for (size_t j = 1; j < k; j++)
             if ((s[i + j] & 0xc0) != 0x80)
                 return false;
-        uint32_t cp = k == 1 ? b : k == 2 ? (b & 0x1fu) << 6 | (s[i + 1] & 0x3fu)
-                 : k == 3 ? (b & 0x0fu) << 12 | (s[i + 1] & 0x3fu) << 6 | (s[i + 2] & 0x3fu)
-                          : (b & 0x07u) << 18 | (s[i + 1] & 0x3fu) << 12 |
-                                (s[i + 2] & 0x3fu) << 6 | (s[i + 3] & 0x3fu);
+        uint32_t cp = k == 1   ? b
+                      : k == 2 ? (b & 0x1fu) << 6 | (s[i + 1] & 0x3fu)
+                      : k == 3 ? (b & 0x0fu) << 12 | (s[i + 1] & 0x3fu) << 6 | (s[i + 2] & 0x3fu)
+                               : (b & 0x07u) << 18 | (s[i + 1] & 0x3fu) << 12 |
+                                     (s[i + 2] & 0x3fu) << 6 | (s[i + 3] & 0x3fu);
         if ((k == 2 && cp < 0x80) || (k == 3 && cp < 0x800) || (k == 4 && cp < 0x10000) ||
             cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
             return false;
@@ -335,8 +339,8 @@ static tokenizer_t *model_with_pre(const char *pre)
         merges[i] = s.ptr;
         merge_lens[i] = (uint32_t)s.len;
     }
-    cr_assert_eq(
-        gguf_get_arr(model_gguf, "tokenizer.ggml.token_type", &et, &n_tok, &data, NULL, 0), 0);
+    cr_assert_eq(gguf_get_arr(model_gguf, "tokenizer.ggml.token_type", &et, &n_tok, &data, NULL, 0),
+                 0);
     memcpy(types, data, n_tok * sizeof(*types));
     v.model = "gpt2";
     v.pre = pre;
@@ -365,8 +369,7 @@ static tokenizer_t *model_with_pre(const char *pre)
     return t;
 }
 
-Test(tokenizer, matches_llamacpp_with_other_pre_tokenizers, .init = open_model,
-     .fini = close_model)
+Test(tokenizer, matches_llamacpp_with_other_pre_tokenizers, .init = open_model, .fini = close_model)
 {
     struct fixture *fx = fixture_load();
     char done[32][32];
@@ -435,11 +438,11 @@ Test(tokenizer, round_trips_valid_utf8, .init = open_model, .fini = close_model)
 /* Random valid UTF-8 from a mix of scripts round-trips too. */
 Test(tokenizer, round_trips_random_unicode, .init = open_model, .fini = close_model)
 {
-    static const uint32_t pool[] = {' ', ' ', ' ', '\n', '\t', 'a', 'e', 'z', 'Q', '0', '7', '.',
-                                    '\'', 's', '!', 0xe9, 0x436, 0x3b1, 0x5d0, 0x627, 0x915, 0x94d,
-                                    0x4e2d, 0x65e5, 0x30ab, 0xac00, 0xe01, 0x1f389, 0x1f44d,
-                                    0x1f3fd, 0x200d, 0xa0, 0x3000, 0x85, 0x2028, 0x301, 0xfeff,
-                                    0x10ffff, 0xe000, 0x660, 0xb2};
+    static const uint32_t pool[] = {
+        ' ',    ' ',    ' ',    '\n',   '\t',     'a',     'e',     'z',     'Q',    '0',   '7',
+        '.',    '\'',   's',    '!',    0xe9,     0x436,   0x3b1,   0x5d0,   0x627,  0x915, 0x94d,
+        0x4e2d, 0x65e5, 0x30ab, 0xac00, 0xe01,    0x1f389, 0x1f44d, 0x1f3fd, 0x200d, 0xa0,  0x3000,
+        0x85,   0x2028, 0x301,  0xfeff, 0x10ffff, 0xe000,  0x660,   0xb2};
     srand(12345);
     for (int iter = 0; iter < 300; iter++) {
         char text[512];
@@ -510,9 +513,9 @@ Test(tokenizer, streams_whole_utf8_sequences, .init = open_model, .fini = close_
         cr_assert_eq(tokenizer_stream_flush(&st, &chunk), 0);
         ckv_buf_append(&all, chunk.data, chunk.len);
         cr_assert_eq(tokenizer_decode(model_tok, c->ids, c->n_ids, c->parse, &whole), 0);
-        cr_assert(all.len == whole.len && (all.len == 0 || memcmp(all.data, whole.data, all.len) == 0),
-                  "streamed text of '%s' differs from the decoded text",
-                  show_bytes(c->text, c->len));
+        cr_assert(
+            all.len == whole.len && (all.len == 0 || memcmp(all.data, whole.data, all.len) == 0),
+            "streamed text of '%s' differs from the decoded text", show_bytes(c->text, c->len));
         ckv_buf_free(&all);
         ckv_buf_free(&chunk);
         ckv_buf_free(&whole);
@@ -521,8 +524,7 @@ Test(tokenizer, streams_whole_utf8_sequences, .init = open_model, .fini = close_
     cr_assert_gt(split_seen, 5, "no token piece split a UTF-8 sequence");
 }
 
-Test(tokenizer, stream_holds_partial_bytes_until_complete, .init = open_model,
-     .fini = close_model)
+Test(tokenizer, stream_holds_partial_bytes_until_complete, .init = open_model, .fini = close_model)
 {
     /* byte tokens: each piece is one byte of "€" (e2 82 ac) then "x" */
     const uint8_t seq[4] = {0xe2, 0x82, 0xac, 'x'};
@@ -548,7 +550,8 @@ Test(tokenizer, stream_holds_partial_bytes_until_complete, .init = open_model,
     cr_assert_eq(out.len, 3);
     cr_assert_eq(memcmp(out.data, "\xe2\x82\xac", 3), 0);
     cr_assert_eq(tokenizer_stream_push(&st, bytes[3], &out), 0);
-    cr_assert_str_eq(out.data, "\xe2\x82\xac" "x");
+    cr_assert_str_eq(out.data, "\xe2\x82\xac"
+                               "x");
     /* an incomplete sequence at the end comes out at flush */
     ckv_buf_reset(&out);
     cr_assert_eq(tokenizer_stream_push(&st, bytes[0], &out), 0);
@@ -586,10 +589,12 @@ Test(tokenizer, reports_enospc_with_the_count, .init = open_model, .fini = close
     int n_all, n;
     cr_assert_eq(tokenizer_encode(model_tok, text, strlen(text), false, false, all, 64, &n_all), 0);
     cr_assert_gt(n_all, 3);
-    cr_assert_eq(tokenizer_encode(model_tok, text, strlen(text), false, false, few, 3, &n), -ENOSPC);
+    cr_assert_eq(tokenizer_encode(model_tok, text, strlen(text), false, false, few, 3, &n),
+                 -ENOSPC);
     cr_assert_eq(n, n_all);
     cr_assert_eq(memcmp(few, all, sizeof(few)), 0);
-    cr_assert_eq(tokenizer_encode(model_tok, text, strlen(text), false, false, NULL, 0, &n), -ENOSPC);
+    cr_assert_eq(tokenizer_encode(model_tok, text, strlen(text), false, false, NULL, 0, &n),
+                 -ENOSPC);
     cr_assert_eq(n, n_all);
     cr_assert_eq(tokenizer_encode(model_tok, NULL, 3, false, false, all, 64, &n), -EINVAL);
     cr_assert_eq(tokenizer_encode(model_tok, NULL, 0, false, false, all, 64, &n), 0);
@@ -604,9 +609,9 @@ Test(tokenizer, reports_enospc_with_the_count, .init = open_model, .fini = close
  * libFuzzer target tests/fuzz/fuzz_tokenizer.c). */
 Test(tokenizer, survives_random_bytes, .init = open_model, .fini = close_model)
 {
-    static const uint8_t pool[] = {'a', ' ', '\n', '1', '\'', '<', '|', '>', 0x80, 0xbf, 0xc0,
-                                   0xc3, 0xe2, 0xed, 0xa0, 0xf0, 0xf4, 0xf5, 0x90, 0xff, 0x00,
-                                   0x9f, 0x8e};
+    static const uint8_t pool[] = {'a',  ' ',  '\n', '1',  '\'', '<',  '|',  '>',
+                                   0x80, 0xbf, 0xc0, 0xc3, 0xe2, 0xed, 0xa0, 0xf0,
+                                   0xf4, 0xf5, 0x90, 0xff, 0x00, 0x9f, 0x8e};
     srand(7);
     for (int iter = 0; iter < 2000; iter++) {
         uint8_t text[300];
@@ -615,9 +620,8 @@ Test(tokenizer, survives_random_bytes, .init = open_model, .fini = close_model)
             text[i] = rand() % 3 ? pool[(size_t)rand() % sizeof(pool)] : (uint8_t)rand();
         int32_t *ids;
         int n;
-        cr_assert_eq(tokenizer_encode_alloc(model_tok, (char *)text, len, iter & 1, iter & 2, &ids,
-                                            &n),
-                     0);
+        cr_assert_eq(
+            tokenizer_encode_alloc(model_tok, (char *)text, len, iter & 1, iter & 2, &ids, &n), 0);
         for (int i = 0; i < n; i++)
             cr_assert(ids[i] >= 0 && ids[i] < tokenizer_n_vocab(model_tok));
         struct ckv_buf b = {0};
@@ -665,72 +669,20 @@ static tokenizer_t *spm_from_arrays(struct fixture *fx)
     return t;
 }
 
-/* ---- a GGUF image built in memory (metadata only) ---- */
-
-struct img {
-    uint8_t *p;
-    size_t len, cap;
-};
-
-static void put(struct img *m, const void *d, size_t n)
+static struct ckv_test_img spm_image(struct fixture *fx)
 {
-    if (m->len + n > m->cap) {
-        m->cap = (m->len + n) * 2 + 64;
-        m->p = realloc(m->p, m->cap);
-        cr_assert_not_null(m->p);
-    }
-    memcpy(m->p + m->len, d, n);
-    m->len += n;
-}
-static void put_u32(struct img *m, uint32_t v) { put(m, &v, 4); }
-static void put_u64(struct img *m, uint64_t v) { put(m, &v, 8); }
-static void put_bytes(struct img *m, const void *s, size_t n)
-{
-    put_u64(m, n);
-    put(m, s, n);
-}
-static void put_str(struct img *m, const char *s) { put_bytes(m, s, strlen(s)); }
-static void kv_str(struct img *m, const char *k, const char *v)
-{
-    put_str(m, k);
-    put_u32(m, GGUF_TYPE_STRING);
-    put_str(m, v);
-}
-static void kv_u32(struct img *m, const char *k, uint32_t v)
-{
-    put_str(m, k);
-    put_u32(m, GGUF_TYPE_UINT32);
-    put_u32(m, v);
-}
-static void kv_arr_head(struct img *m, const char *k, enum gguf_type et, uint64_t n)
-{
-    put_str(m, k);
-    put_u32(m, GGUF_TYPE_ARRAY);
-    put_u32(m, et);
-    put_u64(m, n);
-}
-static void header(struct img *m, uint64_t n_kv)
-{
-    put(m, "GGUF", 4);
-    put_u32(m, 3);
-    put_u64(m, 0);
-    put_u64(m, n_kv);
-}
-
-static struct img spm_image(struct fixture *fx)
-{
-    struct img m = {0};
-    header(&m, 4);
-    kv_str(&m, "tokenizer.ggml.model", "llama");
-    kv_arr_head(&m, "tokenizer.ggml.tokens", GGUF_TYPE_STRING, (uint64_t)fx->n_spm);
+    struct ckv_test_img m = {0};
+    ckv_test_img_header(&m, 3, 0, 4);
+    ckv_test_img_kv_str(&m, "tokenizer.ggml.model", "llama");
+    ckv_test_img_kv_arr(&m, "tokenizer.ggml.tokens", GGUF_TYPE_STRING, (uint64_t)fx->n_spm);
     for (int i = 0; i < fx->n_spm; i++)
-        put_bytes(&m, fx->spm[i].text, fx->spm[i].len);
-    kv_arr_head(&m, "tokenizer.ggml.scores", GGUF_TYPE_FLOAT32, (uint64_t)fx->n_spm);
+        ckv_test_img_bytes(&m, fx->spm[i].text, fx->spm[i].len);
+    ckv_test_img_kv_arr(&m, "tokenizer.ggml.scores", GGUF_TYPE_FLOAT32, (uint64_t)fx->n_spm);
     for (int i = 0; i < fx->n_spm; i++)
-        put(&m, &fx->spm[i].score, 4);
-    kv_arr_head(&m, "tokenizer.ggml.token_type", GGUF_TYPE_INT32, (uint64_t)fx->n_spm);
+        ckv_test_img_put(&m, &fx->spm[i].score, 4);
+    ckv_test_img_kv_arr(&m, "tokenizer.ggml.token_type", GGUF_TYPE_INT32, (uint64_t)fx->n_spm);
     for (int i = 0; i < fx->n_spm; i++)
-        put(&m, &fx->spm[i].type, 4);
+        ckv_test_img_put(&m, &fx->spm[i].type, 4);
     return m;
 }
 
@@ -739,7 +691,7 @@ Test(tokenizer, sentencepiece_matches_llamacpp)
     ckv_log_init("ckv-tests", CKV_LOG_ERROR);
     struct fixture *fx = fixture_load();
     tokenizer_t *arrays = spm_from_arrays(fx);
-    struct img m = spm_image(fx);
+    struct ckv_test_img m = spm_image(fx);
     gguf_t *g;
     char err[256] = "";
     cr_assert_eq(gguf_open_mem(m.p, m.len, &g, err, sizeof(err)), 0, "%s", err);
@@ -766,9 +718,9 @@ Test(tokenizer, sentencepiece_matches_llamacpp)
     for (size_t i = 0; i < CKV_ARRAY_LEN(texts); i++) {
         int32_t *ids;
         int k;
-        cr_assert_eq(tokenizer_encode_alloc(from_gguf, texts[i], strlen(texts[i]), true, false,
-                                            &ids, &k),
-                     0);
+        cr_assert_eq(
+            tokenizer_encode_alloc(from_gguf, texts[i], strlen(texts[i]), true, false, &ids, &k),
+            0);
         cr_assert_geq(k, 1);
         cr_assert_eq(ids[0], 1, "BOS first");
         struct ckv_buf b = {0};
@@ -876,50 +828,50 @@ Test(tokenizer, refuses_bad_gguf_metadata)
     gguf_t *g;
     tokenizer_t *t = NULL;
 
-    struct img m = {0}; /* no tokenizer.ggml.model */
-    header(&m, 1);
-    kv_u32(&m, "general.alignment", 32);
+    struct ckv_test_img m = {0}; /* no tokenizer.ggml.model */
+    ckv_test_img_header(&m, 3, 0, 1);
+    ckv_test_img_kv_u32(&m, "general.alignment", 32);
     cr_assert_eq(gguf_open_mem(m.p, m.len, &g, err, sizeof(err)), 0, "%s", err);
     cr_assert_eq(tokenizer_new_from_gguf(g, &t, err, sizeof(err)), CKV_EFORMAT);
     cr_assert(strstr(err, "tokenizer.ggml.model"), "%s", err);
     gguf_close(&g);
     free(m.p);
 
-    m = (struct img){0}; /* tokens of the wrong type */
-    header(&m, 2);
-    kv_str(&m, "tokenizer.ggml.model", "llama");
-    kv_arr_head(&m, "tokenizer.ggml.tokens", GGUF_TYPE_UINT32, 2);
-    put_u32(&m, 1);
-    put_u32(&m, 2);
+    m = (struct ckv_test_img){0}; /* tokens of the wrong type */
+    ckv_test_img_header(&m, 3, 0, 2);
+    ckv_test_img_kv_str(&m, "tokenizer.ggml.model", "llama");
+    ckv_test_img_kv_arr(&m, "tokenizer.ggml.tokens", GGUF_TYPE_UINT32, 2);
+    ckv_test_img_u32(&m, 1);
+    ckv_test_img_u32(&m, 2);
     cr_assert_eq(gguf_open_mem(m.p, m.len, &g, err, sizeof(err)), 0, "%s", err);
     cr_assert_eq(tokenizer_new_from_gguf(g, &t, err, sizeof(err)), CKV_EFORMAT);
     cr_assert(strstr(err, "tokenizer.ggml.tokens"), "%s", err);
     gguf_close(&g);
     free(m.p);
 
-    m = (struct img){0}; /* fewer scores than tokens */
-    header(&m, 3);
-    kv_str(&m, "tokenizer.ggml.model", "llama");
-    kv_arr_head(&m, "tokenizer.ggml.tokens", GGUF_TYPE_STRING, 2);
-    put_str(&m, "x");
-    put_str(&m, "y");
-    kv_arr_head(&m, "tokenizer.ggml.scores", GGUF_TYPE_FLOAT32, 1);
-    put_u32(&m, 0);
+    m = (struct ckv_test_img){0}; /* fewer scores than tokens */
+    ckv_test_img_header(&m, 3, 0, 3);
+    ckv_test_img_kv_str(&m, "tokenizer.ggml.model", "llama");
+    ckv_test_img_kv_arr(&m, "tokenizer.ggml.tokens", GGUF_TYPE_STRING, 2);
+    ckv_test_img_str(&m, "x");
+    ckv_test_img_str(&m, "y");
+    ckv_test_img_kv_arr(&m, "tokenizer.ggml.scores", GGUF_TYPE_FLOAT32, 1);
+    ckv_test_img_u32(&m, 0);
     cr_assert_eq(gguf_open_mem(m.p, m.len, &g, err, sizeof(err)), 0, "%s", err);
     cr_assert_eq(tokenizer_new_from_gguf(g, &t, err, sizeof(err)), CKV_EFORMAT);
     cr_assert(strstr(err, "tokenizer.ggml.scores"), "%s", err);
     gguf_close(&g);
     free(m.p);
 
-    m = (struct img){0}; /* gpt2 with an unknown pre-tokenizer */
-    header(&m, 4);
-    kv_str(&m, "tokenizer.ggml.model", "gpt2");
-    kv_str(&m, "tokenizer.ggml.pre", "mystery-9000");
-    kv_arr_head(&m, "tokenizer.ggml.tokens", GGUF_TYPE_STRING, 2);
-    put_str(&m, "x");
-    put_str(&m, "y");
-    kv_arr_head(&m, "tokenizer.ggml.merges", GGUF_TYPE_STRING, 1);
-    put_str(&m, "x y");
+    m = (struct ckv_test_img){0}; /* gpt2 with an unknown pre-tokenizer */
+    ckv_test_img_header(&m, 3, 0, 4);
+    ckv_test_img_kv_str(&m, "tokenizer.ggml.model", "gpt2");
+    ckv_test_img_kv_str(&m, "tokenizer.ggml.pre", "mystery-9000");
+    ckv_test_img_kv_arr(&m, "tokenizer.ggml.tokens", GGUF_TYPE_STRING, 2);
+    ckv_test_img_str(&m, "x");
+    ckv_test_img_str(&m, "y");
+    ckv_test_img_kv_arr(&m, "tokenizer.ggml.merges", GGUF_TYPE_STRING, 1);
+    ckv_test_img_str(&m, "x y");
     cr_assert_eq(gguf_open_mem(m.p, m.len, &g, err, sizeof(err)), 0, "%s", err);
     cr_assert_eq(tokenizer_new_from_gguf(g, &t, err, sizeof(err)), CKV_EUNSUPPORTED);
     cr_assert(strstr(err, "mystery-9000"), "%s", err);
