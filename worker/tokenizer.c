@@ -33,9 +33,10 @@
 #include "ckv_error.h"
 #include "ckv_log.h"
 
-#define TOKENIZER_DEFAULT_ID (-2) /* tokenizer_vocab: "the model kind's default" */
-#define PRE_MAX_REGEX        6
-#define TOKEN_MAX_LEN        (1u << 20) /* a token text longer than 1 MiB is a broken vocabulary */
+#define PRE_MAX_REGEX 6
+#define TOKEN_MAX_LEN (1u << 20) /* a token text longer than 1 MiB is a broken vocabulary */
+#define TEXT_MAX_LEN  ((size_t)256 << 20) /* encode input bound: symbol indices are int32 */
+#define MAX_MERGES    (1 << 24)           /* ranks are queued as float priorities: exact to 2^24 */
 
 /* ------------------------------------------------------------------------------------------ */
 /* pre-tokenizers                                                                              */
@@ -162,8 +163,8 @@ struct tokenizer {
     int n_re;
     bool ignore_merges;
 
-    int32_t
-        *special; /* (n_special) ids of CONTROL / USER_DEFINED / UNKNOWN tokens, longest first */
+    /* ids of the CONTROL / USER_DEFINED / UNKNOWN tokens, longest text first */
+    int32_t *special; /* (n_special) */
     int n_special;
 
     int32_t bos, eos, eot, eom, unk, pad;
@@ -845,6 +846,8 @@ static int encode(struct work *w, const char *text, size_t len, bool add_special
 {
     const tokenizer_t *t = w->t;
     int rc;
+    if (len > TEXT_MAX_LEN)
+        return -E2BIG;
     if (t->kind == TOKENIZER_BPE) {
         w->md = pcre2_match_data_create(1, NULL);
         w->mctx = pcre2_match_context_create(NULL);
@@ -1153,8 +1156,8 @@ int tokenizer_token_text(const tokenizer_t *t, int32_t id, const char **text, si
 void tokenizer_vocab_defaults(struct tokenizer_vocab *v)
 {
     memset(v, 0, sizeof(*v));
-    v->bos_id = v->eos_id = v->unk_id = v->pad_id = TOKENIZER_DEFAULT_ID;
-    v->eot_id = v->eom_id = TOKENIZER_DEFAULT_ID;
+    v->bos_id = v->eos_id = v->unk_id = v->pad_id = TOKENIZER_DEFAULT;
+    v->eot_id = v->eom_id = TOKENIZER_DEFAULT;
     v->add_bos = v->add_eos = v->add_space_prefix = -1;
 }
 
@@ -1615,11 +1618,11 @@ static int build_special(tokenizer_t *t)
     return 0;
 }
 
-/* A special id from the vocabulary: TOKENIZER_DEFAULT_ID takes def; out of range disables it
+/* A special id from the vocabulary: TOKENIZER_DEFAULT takes def; out of range disables it
  * with a warning (llama.cpp keeps its default then). */
 static int32_t special_id(const tokenizer_t *t, const char *what, int32_t v, int32_t def)
 {
-    if (v == TOKENIZER_DEFAULT_ID)
+    if (v == TOKENIZER_DEFAULT)
         v = def;
     if (v >= t->n_tokens || v < TOKENIZER_NULL) {
         LOG_WARN("tokenizer: %s token id %d out of the vocabulary (%d tokens): none", what, v,
@@ -1670,6 +1673,11 @@ int tokenizer_new(const struct tokenizer_vocab *v, tokenizer_t **out, char *err,
                         "tokenizer: model kind '%.40s' (tokenizer.ggml.model) is not supported; "
                         "supported: gpt2 (byte-level BPE), llama (SentencePiece)",
                         v->model);
+        goto err;
+    }
+    if (v->n_merges > MAX_MERGES) {
+        rc = ckv_errorf(CKV_EUNSUPPORTED, err, errlen, "tokenizer: %d merges, at most %d supported",
+                        v->n_merges, MAX_MERGES);
         goto err;
     }
     if (t->kind == TOKENIZER_BPE && v->n_merges == 0) {

@@ -38,6 +38,9 @@ typedef struct tokenizer tokenizer_t;
 
 /* "no such token" (a missing BOS, an unknown text). */
 #define TOKENIZER_NULL (-1)
+/* tokenizer_vocab ids: "the model kind's default" (SentencePiece: BOS 1, EOS 2, UNK 0, as
+ * llama.cpp; byte-level BPE: none). */
+#define TOKENIZER_DEFAULT (-2)
 
 enum tokenizer_kind {
     TOKENIZER_BPE = 1, /* "gpt2": byte-level BPE */
@@ -71,19 +74,22 @@ struct tokenizer_vocab {
     int32_t n_merges;
     const char *const *merges;  /* (n_merges) "left right", rank = index (gpt2 only) */
     const uint32_t *merge_lens; /* (n_merges) byte lengths, or NULL: NUL-terminated */
-    /* special ids, TOKENIZER_NULL when absent; defaults are llama.cpp's per model kind */
+    /* special ids: an id, TOKENIZER_NULL (none) or TOKENIZER_DEFAULT; an id out of range is
+     * dropped with a warning (llama.cpp does the same) */
     int32_t bos_id, eos_id, unk_id, pad_id, eot_id, eom_id;
     /* -1: the model kind's / pre-tokenizer's default (llama.cpp's), 0 / 1: as given */
     int add_bos, add_eos, add_space_prefix;
 };
 
-/* Sets every field to "absent / default" (ids TOKENIZER_NULL, flags -1, pointers NULL). */
+/* Sets every field to "absent / default": ids TOKENIZER_DEFAULT, flags -1, pointers NULL. */
 void tokenizer_vocab_defaults(struct tokenizer_vocab *v);
 
 /* Builds a tokenizer from plain arrays. On success the caller owns *out (tokenizer_destroy()).
- * Returns 0, CKV_EFORMAT (inconsistent vocabulary: duplicate token, bad merge, id out of
- * range...), CKV_EUNSUPPORTED (model kind or pre-tokenizer this build does not know) or
- * -ENOMEM, with a message naming the problem in err (err may be NULL). */
+ * Returns 0, CKV_EFORMAT (unusable vocabulary: empty, a duplicate token text, BPE without
+ * merges, add_bos / add_eos without that token), CKV_EUNSUPPORTED (a model kind or
+ * pre-tokenizer this build does not know: never guessed) or -ENOMEM, with a message naming the
+ * problem in err (err may be NULL). Merges whose parts or result are no token are ignored with
+ * one warning (a valid vocabulary has none). */
 int tokenizer_new(const struct tokenizer_vocab *v, tokenizer_t **out, char *err, size_t errlen);
 
 /* Builds a tokenizer from a GGUF's tokenizer.ggml.* metadata (model, pre, tokens, scores,
@@ -104,13 +110,13 @@ void tokenizer_destroy(tokenizer_t **t);
  * "<|im_start|>" in the text (user-defined tokens are always recognised).
  * Writes at most cap ids to ids (ids may be NULL when cap is 0) and the full count to *n_ids.
  * Returns 0, -ENOSPC when the ids did not fit (then *n_ids is the count needed), -EINVAL on
- * NULL text with len > 0 or cap < 0, -ENOMEM.
+ * NULL text with len > 0 or cap < 0, -E2BIG for text above 256 MiB, -ENOMEM.
  */
 int tokenizer_encode(const tokenizer_t *t, const char *text, size_t len, bool add_special,
                      bool parse_special, int32_t *ids, int cap, int *n_ids);
 
 /* As tokenizer_encode(), into a malloc'ed array the caller frees (*ids is NULL when *n_ids is
- * 0). Returns 0, -EINVAL or -ENOMEM. */
+ * 0). Returns 0, -EINVAL, -E2BIG or -ENOMEM. */
 int tokenizer_encode_alloc(const tokenizer_t *t, const char *text, size_t len, bool add_special,
                            bool parse_special, int32_t **ids, int *n_ids);
 
