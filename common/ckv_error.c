@@ -4,6 +4,7 @@
 #include "ckv_error.h"
 
 #include <execinfo.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,6 +28,17 @@ const char *ckv_strerror(int rc)
     if (rc < 0 && rc > -4096)
         return strerror(-rc);
     return "unknown error";
+}
+
+int ckv_errorf(int rc, char *err, size_t errlen, const char *fmt, ...)
+{
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return rc;
 }
 
 void ckv_assert_fail(const char *expr, const char *file, int line, const char *func)

@@ -12,6 +12,7 @@
 #define CKV_ERROR_H
 
 #include <errno.h>
+#include <stddef.h>
 
 /* Module codes, all below -4095 so that they never collide with a negative errno. */
 enum {
@@ -30,6 +31,12 @@ enum {
 /* Names a return code: strerror() for a negative errno, the module message otherwise.
  * Returns a static string; never NULL. */
 const char *ckv_strerror(int rc);
+
+/* Writes a formatted message to err (when err is not NULL and errlen > 0; truncated to fit)
+ * and returns rc, for the `return ckv_errorf(CKV_EFORMAT, err, errlen, "...", ...)` of
+ * functions that report what went wrong in a caller's buffer. */
+__attribute__((format(printf, 4, 5))) int ckv_errorf(int rc, char *err, size_t errlen,
+                                                     const char *fmt, ...);
 
 /* Prints "ASSERT failed: expr (file:line, func)" with a backtrace to stderr and aborts. */
 __attribute__((noreturn, cold)) void ckv_assert_fail(const char *expr, const char *file, int line,
