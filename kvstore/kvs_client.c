@@ -262,19 +262,40 @@ static int fill_blocks(kvs_client_t *c, size_t n, size_t n_nblk, const uint32_t 
     return 0;
 }
 
-static Ckv__KvsKey *keys_to_proto(const struct kvs_key *keys, size_t n, Ckv__KvsKey *pk,
-                                  Ckv__KvsKey **pp)
+/* Parallel arrays of n keys for the wire: (4, n) in one allocation, owned by the caller. */
+struct wire_keys {
+    Ckv__KvsKeys msg;
+    uint64_t *mem;
+    uint64_t stack[4 * 64];
+};
+
+static int keys_to_proto(const struct kvs_key *keys, size_t n, struct wire_keys *w)
 {
+    Ckv__KvsKeys init = CKV__KVS_KEYS__INIT;
+    w->msg = init;
+    w->mem = n <= 64 ? w->stack : malloc(n * (sizeof(uint64_t) + 3 * sizeof(uint32_t)));
+    if (!w->mem)
+        return -ENOMEM;
+    uint64_t *seq = w->mem;
+    uint32_t *layer = (uint32_t *)(seq + n), *head = layer + n, *cl = head + n;
     for (size_t i = 0; i < n; i++) {
-        Ckv__KvsKey k = CKV__KVS_KEY__INIT;
-        k.seq_uid = keys[i].seq_uid;
-        k.layer = keys[i].layer;
-        k.kv_head = keys[i].kv_head;
-        k.cluster_id = keys[i].cluster_id;
-        pk[i] = k;
-        pp[i] = &pk[i];
+        seq[i] = keys[i].seq_uid;
+        layer[i] = keys[i].layer;
+        head[i] = keys[i].kv_head;
+        cl[i] = keys[i].cluster_id;
     }
-    return pk;
+    w->msg.n_seq_uid = w->msg.n_layer = w->msg.n_kv_head = w->msg.n_cluster_id = n;
+    w->msg.seq_uid = seq;
+    w->msg.layer = layer;
+    w->msg.kv_head = head;
+    w->msg.cluster_id = cl;
+    return 0;
+}
+
+static void keys_free(struct wire_keys *w)
+{
+    if (w->mem != w->stack)
+        free(w->mem);
 }
 
 int kvs_client_reserve(kvs_client_t *c, const struct kvs_key *keys, const uint32_t *n_tokens,
@@ -283,17 +304,11 @@ int kvs_client_reserve(kvs_client_t *c, const struct kvs_key *keys, const uint32
     memset(out, 0, sizeof(*out));
     if (n == 0)
         return -EINVAL;
-    Ckv__KvsKey *pk = malloc(n * sizeof(*pk));
-    Ckv__KvsKey **pp = malloc(n * sizeof(*pp));
-    if (!pk || !pp || grow(c, n, 0)) {
-        free(pk);
-        free(pp);
+    struct wire_keys wk;
+    if (grow(c, n, 0) || keys_to_proto(keys, n, &wk))
         return -ENOMEM;
-    }
-    keys_to_proto(keys, n, pk, pp);
     Ckv__KvsReserve r = CKV__KVS_RESERVE__INIT;
-    r.n_keys = n;
-    r.keys = pp;
+    r.keys = &wk.msg;
     r.n_n_tokens = n;
     r.n_tokens = (uint32_t *)n_tokens;
     Ckv__Envelope req = CKV__ENVELOPE__INIT;
@@ -301,8 +316,7 @@ int kvs_client_reserve(kvs_client_t *c, const struct kvs_key *keys, const uint32
     req.kvs_reserve = &r;
     Ckv__Envelope *rep;
     int rc = request(c, &req, CKV__ENVELOPE__BODY_KVS_RESERVE_REPLY, &rep);
-    free(pk);
-    free(pp);
+    keys_free(&wk);
     if (rc)
         return rc;
     const Ckv__KvsReserveReply *rr = rep->kvs_reserve_reply;
@@ -378,27 +392,20 @@ int kvs_client_fetch_release(kvs_client_t *c, const struct kvs_key *keys, size_t
     memset(out, 0, sizeof(*out));
     if (n == 0)
         return -EINVAL;
-    /* A layer's worth of keys fits on the stack; more goes to the heap. */
-    Ckv__KvsKey pk_stack[64], *pp_stack[64];
-    Ckv__KvsKey *pk = n <= 64 ? pk_stack : malloc(n * sizeof(*pk));
-    Ckv__KvsKey **pp = n <= 64 ? pp_stack : malloc(n * sizeof(*pp));
-    int rc = 0;
-    if (!pk || !pp) {
-        rc = -ENOMEM;
-        goto out;
-    }
-    keys_to_proto(keys, n, pk, pp);
+    struct wire_keys wk;
+    if (keys_to_proto(keys, n, &wk))
+        return -ENOMEM;
     Ckv__KvsFetch f = CKV__KVS_FETCH__INIT;
-    f.n_keys = n;
-    f.keys = pp;
+    f.keys = &wk.msg;
     f.release_lease_id = release_lease_id;
     Ckv__Envelope req = CKV__ENVELOPE__INIT;
     req.body_case = CKV__ENVELOPE__BODY_KVS_FETCH;
     req.kvs_fetch = &f;
     Ckv__Envelope *rep;
-    rc = request(c, &req, CKV__ENVELOPE__BODY_KVS_FETCH_REPLY, &rep);
+    int rc = request(c, &req, CKV__ENVELOPE__BODY_KVS_FETCH_REPLY, &rep);
+    keys_free(&wk);
     if (rc)
-        goto out;
+        return rc;
     const Ckv__KvsFetchReply *fr = rep->kvs_fetch_reply;
     rc = check_epoch(c, fr->epoch);
     if (!rc && fr->n_n_tokens != n) {
@@ -415,11 +422,6 @@ int kvs_client_fetch_release(kvs_client_t *c, const struct kvs_key *keys, size_t
         out->restored = fr->restored;
     }
     ckv_wire_free(rep);
-out:
-    if (pk != pk_stack)
-        free(pk);
-    if (pp != pp_stack)
-        free(pp);
     return rc;
 }
 

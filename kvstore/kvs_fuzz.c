@@ -209,21 +209,21 @@ static int prepare(struct run *r, Ckv__Envelope *env, struct req *q, uint64_t ep
     case CKV__ENVELOPE__BODY_KVS_RELEASE: WIDEN(env->kvs_release->lease_id); break;
     case CKV__ENVELOPE__BODY_KVS_FETCH:
         WIDEN(env->kvs_fetch->release_lease_id);
-        q->n = env->kvs_fetch->n_keys;
+        q->n = kvs_proto_n_keys(env->kvs_fetch->keys);
         q->keys = calloc(q->n, sizeof(*q->keys));
         if (!q->keys)
             return -ENOMEM;
         for (size_t i = 0; i < q->n; i++)
-            q->keys[i] = kvs_proto_key(env->kvs_fetch->keys[i]);
+            q->keys[i] = kvs_proto_key(env->kvs_fetch->keys, i);
         break;
     case CKV__ENVELOPE__BODY_KVS_RESERVE:
-        q->n = env->kvs_reserve->n_keys;
+        q->n = kvs_proto_n_keys(env->kvs_reserve->keys);
         q->keys = calloc(q->n, sizeof(*q->keys));
         q->ntok = calloc(q->n, sizeof(*q->ntok));
         if (!q->keys || !q->ntok)
             return -ENOMEM;
         for (size_t i = 0; i < q->n; i++) {
-            q->keys[i] = kvs_proto_key(env->kvs_reserve->keys[i]);
+            q->keys[i] = kvs_proto_key(env->kvs_reserve->keys, i);
             q->ntok[i] = env->kvs_reserve->n_tokens[i];
         }
         break;
@@ -352,25 +352,44 @@ static void put_bytes(struct seed *s, const void *bytes, size_t n)
     s->len += n;
 }
 
-/* n clusters of seq, layer, from cluster id first, each of tokens tokens. */
+/* Keys of n clusters (at most 16) of seq and layer, cluster ids from first on. */
+struct seed_keys {
+    Ckv__KvsKeys msg;
+    uint64_t seq[16];
+    uint32_t layer[16], head[16], id[16];
+};
+
+static void seed_keys(struct seed_keys *k, uint64_t seq, uint32_t layer, uint32_t first,
+                      size_t n)
+{
+    Ckv__KvsKeys init = CKV__KVS_KEYS__INIT;
+    k->msg = init;
+    n = n < 16 ? n : 16;
+    for (size_t i = 0; i < n; i++) {
+        k->seq[i] = seq;
+        k->layer[i] = layer;
+        k->head[i] = (uint32_t)i % 2;
+        k->id[i] = first + (uint32_t)i;
+    }
+    k->msg.n_seq_uid = k->msg.n_layer = k->msg.n_kv_head = k->msg.n_cluster_id = n;
+    k->msg.seq_uid = k->seq;
+    k->msg.layer = k->layer;
+    k->msg.kv_head = k->head;
+    k->msg.cluster_id = k->id;
+}
+
+/* n clusters of seq, layer, from cluster id first, of tokens, tokens + 5, ... tokens. */
 static void put_reserve(struct seed *s, uint64_t seq, uint32_t layer, uint32_t first, size_t n,
                         uint32_t tokens)
 {
-    Ckv__KvsKey keys[16], *kp[16];
+    struct seed_keys k;
+    seed_keys(&k, seq, layer, first, n);
     uint32_t nt[16];
-    for (size_t i = 0; i < n && i < 16; i++) {
-        Ckv__KvsKey k = CKV__KVS_KEY__INIT;
-        k.seq_uid = seq;
-        k.layer = layer;
-        k.kv_head = (uint32_t)i % 2;
-        k.cluster_id = first + (uint32_t)i;
-        keys[i] = k;
-        kp[i] = &keys[i];
+    for (size_t i = 0; i < k.msg.n_seq_uid; i++)
         nt[i] = tokens + (uint32_t)i * 5;
-    }
     Ckv__KvsReserve r = CKV__KVS_RESERVE__INIT;
-    r.n_keys = r.n_n_tokens = n;
-    r.keys = kp;
+    r.keys = &k.msg;
+    r.n_n_tokens = k.msg.n_seq_uid;
     r.n_tokens = nt;
     put_env(s, CKV__ENVELOPE__BODY_KVS_RESERVE, &r);
 }
@@ -378,19 +397,10 @@ static void put_reserve(struct seed *s, uint64_t seq, uint32_t layer, uint32_t f
 static void put_fetch(struct seed *s, uint64_t seq, uint32_t layer, uint32_t first, size_t n,
                       uint32_t release)
 {
-    Ckv__KvsKey keys[16], *kp[16];
-    for (size_t i = 0; i < n && i < 16; i++) {
-        Ckv__KvsKey k = CKV__KVS_KEY__INIT;
-        k.seq_uid = seq;
-        k.layer = layer;
-        k.kv_head = (uint32_t)i % 2;
-        k.cluster_id = first + (uint32_t)i;
-        keys[i] = k;
-        kp[i] = &keys[i];
-    }
+    struct seed_keys k;
+    seed_keys(&k, seq, layer, first, n);
     Ckv__KvsFetch f = CKV__KVS_FETCH__INIT;
-    f.n_keys = n;
-    f.keys = kp;
+    f.keys = &k.msg;
     f.release_lease_id = release;
     put_env(s, CKV__ENVELOPE__BODY_KVS_FETCH, &f);
 }

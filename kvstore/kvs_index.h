@@ -57,6 +57,7 @@ struct kvs_rt {
     uint32_t io_dst;      /* next target slot (SPILL) or block (RESTORE) to issue */
     uint32_t ioq_next;    /* queue of entries with unissued I/O */
     int32_t io_err;       /* first error of the running I/O; after a failed restore, its error */
+    uint32_t mark;        /* the store's scratch stamp (duplicate detection) */
     uint8_t io;           /* enum kvs_io_state */
     uint8_t hold;         /* enum kvs_hold */
     uint8_t live;         /* in the hash: reserved or committed, not unlinked */

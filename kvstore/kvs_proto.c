@@ -45,17 +45,20 @@ const char *kvs_proto_body_name(Ckv__Envelope__BodyCase body)
     }
 }
 
-static int check_keys(size_t n_keys, Ckv__KvsKey **keys, const struct kvs_limits *lim,
-                      const char *what, char *err, size_t errlen)
+static int check_keys(const Ckv__KvsKeys *k, const struct kvs_limits *lim, const char *what,
+                      char *err, size_t errlen)
 {
-    if (n_keys == 0)
+    size_t n = k ? k->n_seq_uid : 0;
+    if (n == 0)
         return fail(-EINVAL, err, errlen, "%s: no keys", what);
-    if (n_keys > lim->max_request_clusters)
-        return fail(-EINVAL, err, errlen, "%s: %zu keys, at most %u per request", what, n_keys,
+    if (k->n_layer != n || k->n_kv_head != n || k->n_cluster_id != n)
+        return fail(-EINVAL, err, errlen,
+                    "%s: key arrays of different lengths (seq_uid %zu, layer %zu, kv_head %zu, "
+                    "cluster_id %zu)",
+                    what, n, k->n_layer, k->n_kv_head, k->n_cluster_id);
+    if (n > lim->max_request_clusters)
+        return fail(-EINVAL, err, errlen, "%s: %zu keys, at most %u per request", what, n,
                     lim->max_request_clusters);
-    for (size_t i = 0; i < n_keys; i++)
-        if (!keys[i]) /* protobuf-c never leaves one NULL; a hand-built envelope might */
-            return fail(-EINVAL, err, errlen, "%s: key %zu missing", what, i);
     return 0;
 }
 
@@ -70,12 +73,12 @@ int kvs_proto_check(const Ckv__Envelope *env, const struct kvs_limits *lim, char
         return 0;
     case CKV__ENVELOPE__BODY_KVS_RESERVE: {
         const Ckv__KvsReserve *r = env->kvs_reserve;
-        int rc = check_keys(r->n_keys, r->keys, lim, name, err, errlen);
+        int rc = check_keys(r->keys, lim, name, err, errlen);
         if (rc)
             return rc;
-        if (r->n_n_tokens != r->n_keys)
+        if (r->n_n_tokens != r->keys->n_seq_uid)
             return fail(-EINVAL, err, errlen, "%s: %zu keys but %zu token counts", name,
-                        r->n_keys, r->n_n_tokens);
+                        r->keys->n_seq_uid, r->n_n_tokens);
         for (size_t i = 0; i < r->n_n_tokens; i++)
             if (r->n_tokens[i] < 1 || r->n_tokens[i] > lim->max_cluster_tokens)
                 return fail(-EINVAL, err, errlen, "%s: cluster %zu has %u tokens (1..%u)", name,
@@ -91,7 +94,7 @@ int kvs_proto_check(const Ckv__Envelope *env, const struct kvs_limits *lim, char
             return fail(-EINVAL, err, errlen, "%s: reservation_id 0", name);
         return 0;
     case CKV__ENVELOPE__BODY_KVS_FETCH:
-        return check_keys(env->kvs_fetch->n_keys, env->kvs_fetch->keys, lim, name, err, errlen);
+        return check_keys(env->kvs_fetch->keys, lim, name, err, errlen);
     case CKV__ENVELOPE__BODY_KVS_RELEASE:
         if (!env->kvs_release->lease_id)
             return fail(-EINVAL, err, errlen, "%s: lease_id 0", name);

@@ -37,10 +37,17 @@ int kvs_proto_decode(const uint8_t *buf, size_t len, size_t max_bytes,
 /* The message name of a body case ("kvs_fetch", "ping", ...). */
 const char *kvs_proto_body_name(Ckv__Envelope__BodyCase body);
 
-static inline struct kvs_key kvs_proto_key(const Ckv__KvsKey *k)
+/* Clusters in a checked KvsKeys (0 when absent). */
+static inline size_t kvs_proto_n_keys(const Ckv__KvsKeys *k)
 {
-    struct kvs_key out = {.seq_uid = k->seq_uid, .layer = k->layer, .kv_head = k->kv_head,
-                          .cluster_id = k->cluster_id};
+    return k ? k->n_seq_uid : 0;
+}
+
+/* Cluster i of a checked KvsKeys. */
+static inline struct kvs_key kvs_proto_key(const Ckv__KvsKeys *k, size_t i)
+{
+    struct kvs_key out = {.seq_uid = k->seq_uid[i], .layer = k->layer[i],
+                          .kv_head = k->kv_head[i], .cluster_id = k->cluster_id[i]};
     return out;
 }
 

@@ -279,6 +279,8 @@ int kvs_spill_reap(struct kvs_spill *sp, kvs_spill_done_fn done, void *arg)
         sp->free_ops = io;
         finished++;
     }
+    if (finished)
+        sp->reaps++;
     int rc = kvs_spill_submit(sp); /* resubmissions */
     if (rc)
         LOG_ERROR("spill file %s: io_uring_submit: %s", sp->path, strerror(-rc));

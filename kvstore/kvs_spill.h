@@ -83,6 +83,7 @@ struct kvs_spill {
     uint64_t io_errors;
     uint64_t short_retries;
     uint64_t submit_calls;
+    uint64_t reaps; /* kvs_spill_reap() calls that found completions */
 };
 
 /* Opens (creating it with mode 0600 if needed) and preallocates the spill file for n_slots

@@ -130,8 +130,9 @@ static inline void kvt_close(struct kvt *t, bool remove)
 
 struct kvt_msg {
     Ckv__Envelope env;
-    Ckv__KvsKey keys[512];
-    Ckv__KvsKey *kp[512];
+    Ckv__KvsKeys keys;
+    uint64_t seq[512];
+    uint32_t layer[512], head[512], id[512];
     uint32_t ntok[512];
     union {
         Ckv__KvsHello hello;
@@ -149,15 +150,19 @@ struct kvt_msg {
 static inline void kvt_keys(struct kvt_msg *m, const struct kvs_key *keys, size_t n)
 {
     cr_assert_leq(n, 512);
+    Ckv__KvsKeys init = CKV__KVS_KEYS__INIT;
+    m->keys = init;
     for (size_t i = 0; i < n; i++) {
-        Ckv__KvsKey k = CKV__KVS_KEY__INIT;
-        k.seq_uid = keys[i].seq_uid;
-        k.layer = keys[i].layer;
-        k.kv_head = keys[i].kv_head;
-        k.cluster_id = keys[i].cluster_id;
-        m->keys[i] = k;
-        m->kp[i] = &m->keys[i];
+        m->seq[i] = keys[i].seq_uid;
+        m->layer[i] = keys[i].layer;
+        m->head[i] = keys[i].kv_head;
+        m->id[i] = keys[i].cluster_id;
     }
+    m->keys.n_seq_uid = m->keys.n_layer = m->keys.n_kv_head = m->keys.n_cluster_id = n;
+    m->keys.seq_uid = m->seq;
+    m->keys.layer = m->layer;
+    m->keys.kv_head = m->head;
+    m->keys.cluster_id = m->id;
 }
 
 static inline Ckv__Envelope *kvt_reserve(struct kvt_msg *m, const struct kvs_key *keys,
@@ -168,8 +173,7 @@ static inline Ckv__Envelope *kvt_reserve(struct kvt_msg *m, const struct kvs_key
     m->env = e;
     kvt_keys(m, keys, n);
     memcpy(m->ntok, ntok, n * sizeof(uint32_t));
-    r.n_keys = n;
-    r.keys = m->kp;
+    r.keys = &m->keys;
     r.n_n_tokens = n;
     r.n_tokens = m->ntok;
     m->u.reserve = r;
@@ -185,8 +189,7 @@ static inline Ckv__Envelope *kvt_fetch(struct kvt_msg *m, const struct kvs_key *
     Ckv__KvsFetch f = CKV__KVS_FETCH__INIT;
     m->env = e;
     kvt_keys(m, keys, n);
-    f.n_keys = n;
-    f.keys = m->kp;
+    f.keys = &m->keys;
     f.release_lease_id = release_lease_id;
     m->u.fetch = f;
     m->env.body_case = CKV__ENVELOPE__BODY_KVS_FETCH;

@@ -214,6 +214,12 @@ Test(kvs_store, out_of_order_and_bad_requests_change_nothing)
     expect_error(kvt_fetch(&m, dup, 2, 0), BAD, "twice");
     expect_error(kvt_fetch(&m, k, 2, 777), NOT_FOUND, "lease to release");
     expect_error(kvt_fetch(&m, k, 0, 0), BAD, "no keys");
+    kvt_fetch(&m, k, 2, 0);
+    m.keys.n_kv_head = 1;
+    expect_error(&m.env, BAD, "different lengths");
+    m.keys.n_kv_head = 2;
+    m.u.fetch.keys = NULL;
+    expect_error(&m.env, BAD, "no keys");
     struct kvs_key many[9];
     uint32_t manyn[9];
     for (int i = 0; i < 9; i++) {
