@@ -6,6 +6,7 @@
  *   ckv-kvstore --help | --dump-config
  */
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -19,6 +20,7 @@
 
 int main(int argc, char **argv)
 {
+    signal(SIGPIPE, SIG_IGN); /* a closed log pipe must not kill the store */
     bool cleanup = false, dump = false;
     char *args[argc > 0 ? argc : 1];
     int n = 0;

@@ -34,6 +34,9 @@
 
 #define ID_EPOCH_SHIFT 40
 #define ERROR_LOG_PER_SECOND 20
+/* Blocks one reserve or fetch may cover: its reply (about 10 bytes per block offset) must stay
+ * well inside a client's 4 MiB message limit (CKV_WIRE_DEFAULT_MAX_BYTES). */
+#define MAX_REQUEST_BLOCKS (1u << 18)
 
 /* Outcome of running a request. */
 enum { RUN_DONE = 0, RUN_WAIT = 1 };
@@ -498,6 +501,12 @@ static int run_reserve(kvs_store_t *s, struct kvs_wait *w)
         }
         need += kvs_index_blocks_for(rq->n_tokens[i]);
     }
+    if (need > MAX_REQUEST_BLOCKS) {
+        reply_error(s, &w->from, -EINVAL,
+                    "reserve: %llu blocks in one request, at most %u (split it)",
+                    (unsigned long long)need, MAX_REQUEST_BLOCKS);
+        return RUN_DONE;
+    }
     if (n > ix->free_entries.n) {
         reply_error(s, &w->from, -ENOSPC,
                     "reserve: index full (%zu clusters asked, %u entries free of max-clusters %u)",
@@ -607,6 +616,7 @@ static int fetch_start(kvs_store_t *s, struct kvs_wait *w)
     }
     /* duplicates show as the same entry twice: marks instead of a sort on the hot path */
     uint32_t mark = ++s->mark_gen ? s->mark_gen : ++s->mark_gen;
+    uint64_t total = 0;
     for (size_t i = 0; i < n; i++) {
         struct kvs_key k = kvs_proto_key(f->keys, i);
         uint32_t e = kvs_index_find(ix, &k);
@@ -622,6 +632,13 @@ static int fetch_start(kvs_store_t *s, struct kvs_wait *w)
         }
         ix->rt[e].mark = mark;
         s->s_idx[i] = e;
+        total += ix->ent[e].n_blocks;
+    }
+    if (total > MAX_REQUEST_BLOCKS) {
+        reply_error(s, &w->from, -EINVAL,
+                    "fetch: %llu blocks in one request, at most %u (split it)",
+                    (unsigned long long)total, MAX_REQUEST_BLOCKS);
+        return -EINVAL;
     }
     if (s->leases.n - (old ? 1 : 0) >= (uint32_t)s->cfg.max_leases) {
         reply_error(s, &w->from, -EBUSY,

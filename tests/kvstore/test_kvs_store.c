@@ -236,6 +236,7 @@ Test(kvs_store, out_of_order_and_bad_requests_change_nothing)
     expect_error(kvt_reserve(&m, many, &zero, 1), BAD, "0 tokens");
     expect_error(kvt_reserve(&m, many, &big, 1), BAD, "65 tokens");
     expect_error(kvt_reserve(&m, many, manyn, 9), BAD, "at most 8");
+
     kvt_reserve(&m, many, manyn, 2);
     m.u.reserve.n_n_tokens = 1;
     expect_error(&m.env, BAD, "token counts");
@@ -256,6 +257,21 @@ Test(kvs_store, out_of_order_and_bad_requests_change_nothing)
     ack_ok(kvt_id(&m, CKV__ENVELOPE__BODY_KVS_ABORT, open_rsv), 1);
     expect_error(kvt_fetch(&m, &k3, 1, 0), NOT_FOUND, "not found");
     get_check(k, n, 2, 0, NULL);
+}
+
+Test(kvs_store, replies_stay_inside_the_message_limit)
+{
+    kvt_config(&t.cfg, dir, 1 << 20, 0);
+    t.cfg.max_cluster_tokens = 1 << 24;
+    cr_assert_eq(kvt_open(&t), 0);
+    struct kvt_msg m;
+    struct kvs_key k = key(1, 0, 0, 0);
+    uint32_t n = 1 << 24; /* 2^20 blocks: a reply of ~10 MB of offsets */
+    expect_error(kvt_reserve(&m, &k, &n, 1), CKV__ERROR_CODE__ERROR_CODE_BAD_REQUEST,
+                 "at most 262144");
+    struct kvs_store_info in;
+    kvs_store_info(t.s, &in);
+    cr_assert_eq(in.blocks_used, 0);
 }
 
 Test(kvs_store, leases_and_reservations_expire)
