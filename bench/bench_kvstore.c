@@ -15,10 +15,10 @@
  * large as that makes the store spill what it lacks, 76% of the segment, at once
  * (least-recently-fetched first, io_uring, io-depth block writes in flight; watermarks set
  * out of the way so that nothing else spills). The figure is the bytes spilled over the wall
- * time of that reserve call, which is answered when the last of them is written. Restore: the reservation is aborted
- * and every spilled cluster is fetched back, 32 clusters per request in write order; the
- * figure is the bytes restored over the wall time of the fetch loop. Both patterns are
- * sequential block-sized I/O over the spill file, at io-depth; fio runs exactly that (bs =
+ * time of that reserve call, which is answered when the last of them is written. Restore: the
+ * reservation is aborted and every spilled cluster is fetched back, 32 clusters per request in
+ * write order; the figure is the bytes restored over the wall time of the fetch loop. Both patterns
+ * are sequential block-sized I/O over the spill file, at io-depth; fio runs exactly that (bs =
  * block size, iodepth = io-depth, ioengine io_uring, O_DIRECT when the store used it, same
  * directory, the same number of bytes, pinned to the store's CPU), and the ratios are ours
  * over fio's.
@@ -133,14 +133,16 @@ static void start_store(uint64_t pool_mib, uint64_t spill_mib, bool demand_only)
     snprintf(spill, sizeof(spill), "%llum", (unsigned long long)spill_mib);
     snprintf(hd, sizeof(hd), "%d", o.head_dim);
     snprintf(depth, sizeof(depth), "%d", o.io_depth);
+    /* clang-format off */
     char *argv[] = {o.store_bin, "--run-dir", run_dir, "--segment-name", seg_name,
-                    "--segment-size", pool, "--head-dim", hd, "--spill-file", spill_path,
-                    "--spill-size", spill, "--io-depth", depth, "--log-file", log_path,
-                    "--mlock", getuid() == 0 ? "yes" : "no", "--lease-ms", "60000",
-                    "--reserve-ms", "600000", "--io-wait-ms", "600000",
+                    "--segment-size", pool, "--head-dim", hd,
+                    "--spill-file", spill_path, "--spill-size", spill, "--io-depth", depth,
+                    "--log-file", log_path, "--mlock", getuid() == 0 ? "yes" : "no",
+                    "--lease-ms", "60000", "--reserve-ms", "600000", "--io-wait-ms", "600000",
                     "--max-cluster-tokens", "65536",
                     "--high-watermark", demand_only ? "1.0" : "0.9",
                     "--low-watermark", demand_only ? "0.95" : "0.8", NULL};
+    /* clang-format on */
     unlink(sock_path);
     store_pid = spawn_pinned(argv, 0, NULL);
     for (int i = 0; i < 30000 && access(sock_path, F_OK) != 0; i++) {
@@ -255,8 +257,8 @@ static struct lat measure_ping(kvs_client_t *c, int iters)
 /* ---------------------------------------------------------------- throughput ------------ */
 
 struct tput {
-    double spill_mbps, restore_mbps;             /* wall time */
-    double spill_busy_mbps, restore_busy_mbps;   /* time with I/O in flight */
+    double spill_mbps, restore_mbps;           /* wall time */
+    double spill_busy_mbps, restore_busy_mbps; /* time with I/O in flight */
     double bytes_spilled, bytes_restored;
     bool direct;
 };
@@ -278,8 +280,10 @@ static struct tput run_spill_restore(uint64_t pool_mib)
     struct kvs_key *keys = calloc(n_a, sizeof(*keys));
     uint32_t *ntok = calloc(n_a, sizeof(*ntok));
     for (size_t i = 0; i < n_a; i++) {
-        keys[i] = (struct kvs_key){.seq_uid = 1, .layer = (uint32_t)(i / 256),
-                                   .kv_head = 0, .cluster_id = (uint32_t)(i % 256)};
+        keys[i] = (struct kvs_key){.seq_uid = 1,
+                                   .layer = (uint32_t)(i / 256),
+                                   .kv_head = 0,
+                                   .cluster_id = (uint32_t)(i % 256)};
         ntok[i] = 64;
     }
     struct kvs_blocks b;
@@ -363,9 +367,11 @@ static double run_fio(const char *rw, uint64_t bytes, uint32_t bs, bool direct)
     snprintf(oname, sizeof(oname), "--output=%s", out);
     char rwf[32];
     snprintf(rwf, sizeof(rwf), "--rw=%s", rw);
+    /* clang-format off */
     char *argv[] = {"fio", "--name=kvs", fname, rwf, bsz, depth, dir_flag, size,
                     "--ioengine=io_uring", "--fallocate=native", "--output-format=json", oname,
                     NULL};
+    /* clang-format on */
     pid_t pid = spawn_pinned(argv, 0, NULL);
     int status;
     waitpid(pid, &status, 0);
@@ -531,11 +537,12 @@ int main(int argc, char **argv)
     printf("| floor: an empty request (refused release) | %.1f | %.1f | %.1f | %.1f |\n\n",
            rt[0].p50, rt[0].p99, rt[1].p50, rt[1].p99);
     printf("| throughput, MiB/s (median of %d repetitions) | ckv-kvstore | fio, same pattern "
-           "| ratio (median of the per-repetition ratios) |\n|---|---|---|---|\n", reps);
-    printf("| spill: %.0f MiB, sequential %u-byte writes | %.0f | %.0f | %.2f |\n",
-           bytes_sp / MIB, block_bytes, spill, fio_w, spill_ratio);
-    printf("| restore: %.0f MiB, sequential %u-byte reads | %.0f | %.0f | %.2f |\n",
-           bytes_re / MIB, block_bytes, restore, fio_r, restore_ratio);
+           "| ratio (median of the per-repetition ratios) |\n|---|---|---|---|\n",
+           reps);
+    printf("| spill: %.0f MiB, sequential %u-byte writes | %.0f | %.0f | %.2f |\n", bytes_sp / MIB,
+           block_bytes, spill, fio_w, spill_ratio);
+    printf("| restore: %.0f MiB, sequential %u-byte reads | %.0f | %.0f | %.2f |\n", bytes_re / MIB,
+           block_bytes, restore, fio_r, restore_ratio);
     printf("| (spill, time with writes in flight only) | %.0f | | |\n", spill_busy);
     printf("| (restore, time with reads in flight only) | %.0f | | |\n\n", restore_busy);
     if (!have_fio)

@@ -22,8 +22,8 @@ static uint64_t page_up(uint64_t v)
     return (v + CKV_SHM_PAGE - 1) / CKV_SHM_PAGE * CKV_SHM_PAGE;
 }
 
-__attribute__((format(printf, 3, 4))) static void set_err(char *err, size_t errlen,
-                                                          const char *fmt, ...)
+__attribute__((format(printf, 3, 4))) static void set_err(char *err, size_t errlen, const char *fmt,
+                                                          ...)
 {
     if (!err || !errlen)
         return;

@@ -30,13 +30,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define CKV_SHM_MAGIC 0x314d48535f564b43ull /* "CKV_SHM1" in little-endian bytes */
+#define CKV_SHM_MAGIC          0x314d48535f564b43ull /* "CKV_SHM1" in little-endian bytes */
 #define CKV_SHM_LAYOUT_VERSION 1u
-#define CKV_SHM_BLOCK_TOKENS 16u
-#define CKV_SHM_PAGE 4096u
-#define CKV_SHM_NONE UINT32_MAX /* end of a chain, no block, no slot */
-#define CKV_SHM_NAME_MAX 200    /* bytes of a segment name, '/' included */
-#define CKV_SHM_MAX_BLOCKS (UINT32_MAX - 1u)
+#define CKV_SHM_BLOCK_TOKENS   16u
+#define CKV_SHM_PAGE           4096u
+#define CKV_SHM_NONE           UINT32_MAX /* end of a chain, no block, no slot */
+#define CKV_SHM_NAME_MAX       200        /* bytes of a segment name, '/' included */
+#define CKV_SHM_MAX_BLOCKS     (UINT32_MAX - 1u)
 
 /* KV dtypes; the values match proto/kvstore.proto's KvsDtype. */
 enum ckv_shm_dtype {
@@ -101,9 +101,9 @@ struct ckv_shm_entry {
 
 /* A mapping of a segment: caller-owned, filled by ckv_shm_create() or ckv_shm_open(). */
 struct ckv_shm {
-    int fd;         /* the shm file, kept open (the store holds a lock on it) */
-    uint8_t *base;  /* the mapping, segment_bytes long */
-    size_t bytes;   /* mapped bytes */
+    int fd;                     /* the shm file, kept open (the store holds a lock on it) */
+    uint8_t *base;              /* the mapping, segment_bytes long */
+    size_t bytes;               /* mapped bytes */
     struct ckv_shm_header *hdr; /* == base */
 };
 

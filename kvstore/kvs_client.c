@@ -219,8 +219,8 @@ const char *kvs_client_last_error(const kvs_client_t *c)
 
 /* Fills out from a reply's per-cluster block counts and flat offsets, checking that they add
  * up and stay inside the pool. */
-static int fill_blocks(kvs_client_t *c, size_t n, size_t n_nblk, const uint32_t *nblk,
-                       size_t n_off, const uint64_t *off, struct kvs_blocks *out)
+static int fill_blocks(kvs_client_t *c, size_t n, size_t n_nblk, const uint32_t *nblk, size_t n_off,
+                       const uint64_t *off, struct kvs_blocks *out)
 {
     if (n_nblk != n) {
         snprintf(c->last_error, sizeof(c->last_error), "reply lists %zu clusters, asked %zu",
@@ -322,8 +322,8 @@ int kvs_client_reserve(kvs_client_t *c, const struct kvs_key *keys, const uint32
     const Ckv__KvsReserveReply *rr = rep->kvs_reserve_reply;
     rc = check_epoch(c, rr->epoch);
     if (!rc)
-        rc = fill_blocks(c, n, rr->n_n_blocks, rr->n_blocks, rr->n_block_offset,
-                         rr->block_offset, out);
+        rc = fill_blocks(c, n, rr->n_n_blocks, rr->n_blocks, rr->n_block_offset, rr->block_offset,
+                         out);
     if (!rc) {
         memcpy(c->ntok, n_tokens, n * sizeof(uint32_t));
         out->id = rr->reservation_id;
@@ -414,8 +414,8 @@ int kvs_client_fetch_release(kvs_client_t *c, const struct kvs_key *keys, size_t
         rc = -EPROTO;
     }
     if (!rc)
-        rc = fill_blocks(c, n, fr->n_n_blocks, fr->n_blocks, fr->n_block_offset,
-                         fr->block_offset, out);
+        rc = fill_blocks(c, n, fr->n_n_blocks, fr->n_blocks, fr->n_block_offset, fr->block_offset,
+                         out);
     if (!rc) {
         memcpy(c->ntok, fr->n_tokens, n * sizeof(uint32_t));
         out->id = fr->lease_id;
@@ -425,8 +425,7 @@ int kvs_client_fetch_release(kvs_client_t *c, const struct kvs_key *keys, size_t
     return rc;
 }
 
-int kvs_client_fetch(kvs_client_t *c, const struct kvs_key *keys, size_t n,
-                     struct kvs_blocks *out)
+int kvs_client_fetch(kvs_client_t *c, const struct kvs_key *keys, size_t n, struct kvs_blocks *out)
 {
     return kvs_client_fetch_release(c, keys, n, 0, out);
 }

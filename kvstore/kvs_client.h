@@ -24,9 +24,9 @@
  *
  * Blocks: each holds 16 tokens of one (sequence, layer, KV head), K rows then V rows,
  * (2, 16, head_dim) in the store's dtype; the last block of a cluster may be partly used
- * (n_tokens says how much). Pointers are into the mapped segment and stay valid while the
- * client lives; the data behind them is the caller's to write between reserve and commit, and
- * to read between fetch and release.
+ * (n_tokens says how much). Pointers are into the mapped segment and stay valid until the
+ * client re-attaches (a new epoch) or is destroyed; the data behind them is the caller's to
+ * write between reserve and commit, and to read between fetch and release.
  *
  * Epochs: every reply carries the store's epoch. When it changes (the store restarted), the
  * client maps the segment again before returning; reservations and leases of the old epoch
@@ -67,14 +67,14 @@ struct kvs_geometry {
 /* The answer to reserve or fetch. Arrays are owned by the client and valid until its next
  * reserve or fetch call. */
 struct kvs_blocks {
-    uint64_t id;        /* reservation id (reserve) or lease id (fetch) */
-    size_t n;           /* clusters, in request order */
+    uint64_t id;              /* reservation id (reserve) or lease id (fetch) */
+    size_t n;                 /* clusters, in request order */
     const uint32_t *n_tokens; /* (n) fetch: tokens of each cluster; reserve: as asked */
     const uint32_t *n_blocks; /* (n) blocks of each cluster */
     const uint32_t *first;    /* (n) index in block[] of each cluster's first block */
     uint8_t *const *block;    /* (sum n_blocks) block addresses in the mapped segment */
     const uint64_t *offset;   /* (sum n_blocks) the same as byte offsets from the segment base */
-    uint32_t restored;  /* fetch: clusters the store read back from its spill file */
+    uint32_t restored;        /* fetch: clusters the store read back from its spill file */
 };
 
 /* Connects to the store at endpoint, says hello (client_name is for its logs) and maps the
@@ -110,8 +110,7 @@ int kvs_client_abort(kvs_client_t *c, uint64_t reservation_id);
 
 /* Leases n committed clusters for reading (restoring spilled ones first). Release the lease
  * once copied; it expires after lease_ms. */
-int kvs_client_fetch(kvs_client_t *c, const struct kvs_key *keys, size_t n,
-                     struct kvs_blocks *out);
+int kvs_client_fetch(kvs_client_t *c, const struct kvs_key *keys, size_t n, struct kvs_blocks *out);
 
 /* kvs_client_fetch() that first releases release_lease_id (0: none) in the same round trip.
  * When that lease is unknown the fetch fails and nothing is released or leased. */

@@ -65,8 +65,8 @@ const struct ckv_config_opt kvs_config_options[] = {
 int kvs_config_check(const struct kvs_config *cfg, char *err, size_t errlen)
 {
     if (cfg->low_watermark > cfg->high_watermark) {
-        snprintf(err, errlen, "low-watermark %.3f is above high-watermark %.3f",
-                 cfg->low_watermark, cfg->high_watermark);
+        snprintf(err, errlen, "low-watermark %.3f is above high-watermark %.3f", cfg->low_watermark,
+                 cfg->high_watermark);
         return CKV_ECONFIG;
     }
     uint32_t bb = ckv_shm_block_bytes((uint32_t)cfg->head_dim, (uint32_t)cfg->dtype);

@@ -33,7 +33,7 @@ struct kvs_config {
     uint64_t max_msg_bytes;   /* ZMQ_MAXMSGSIZE of the socket */
     bool mlock;               /* lock the segment in RAM (warns and goes on when refused) */
     char log_level[16];
-    char log_file[256];       /* "" : stderr */
+    char log_file[256]; /* "" : stderr */
 };
 
 extern const char *const kvs_config_dtypes[]; /* "f16", "bf16", "f32", NULL */

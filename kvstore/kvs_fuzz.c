@@ -135,8 +135,9 @@ static void on_reply(void *arg, const struct ckv_wire_addr *to, Ckv__Envelope *r
                 uint64_t base = pattern_base(&q->keys[i], j);
                 for (uint32_t k = 0; k < bb / 8; k++)
                     if (w[k] != (base ^ k)) {
-                        fail(r, "fetch reply: cluster (seq %llu, layer %u, head %u, id %u) block "
-                                "%u differs at word %u",
+                        fail(r,
+                             "fetch reply: cluster (seq %llu, layer %u, head %u, id %u) block "
+                             "%u differs at word %u",
                              (unsigned long long)q->keys[i].seq_uid, q->keys[i].layer,
                              q->keys[i].kv_head, q->keys[i].cluster_id, j, k);
                         return;
@@ -299,8 +300,8 @@ int kvs_fuzz_run(struct kvs_fuzz *f, const uint8_t *data, size_t len, char *err,
         drain(&r);
         for (size_t j = 0; j <= i && !r.rc; j++)
             if (r.reqs[j].replies != 1)
-                fail(&r, "request %zu (%s) got %d replies", j,
-                     kvs_proto_body_name(r.reqs[j].type), r.reqs[j].replies);
+                fail(&r, "request %zu (%s) got %d replies", j, kvs_proto_body_name(r.reqs[j].type),
+                     r.reqs[j].replies);
         char why[256];
         if (!r.rc && kvs_store_check(r.s, why, sizeof(why)))
             fail(&r, "after frame %zu: %s", i, why);
@@ -359,8 +360,7 @@ struct seed_keys {
     uint32_t layer[16], head[16], id[16];
 };
 
-static void seed_keys(struct seed_keys *k, uint64_t seq, uint32_t layer, uint32_t first,
-                      size_t n)
+static void seed_keys(struct seed_keys *k, uint64_t seq, uint32_t layer, uint32_t first, size_t n)
 {
     Ckv__KvsKeys init = CKV__KVS_KEYS__INIT;
     k->msg = init;
@@ -413,8 +413,8 @@ static void put_id(struct seed *s, Ckv__Envelope__BodyCase body, uint64_t id)
     Ckv__KvsRelease r = CKV__KVS_RELEASE__INIT;
     Ckv__KvsDrop d = CKV__KVS_DROP__INIT;
     c.reservation_id = a.reservation_id = r.lease_id = d.seq_uid = id;
-    void *msg = body == CKV__ENVELOPE__BODY_KVS_COMMIT  ? (void *)&c
-                : body == CKV__ENVELOPE__BODY_KVS_ABORT ? (void *)&a
+    void *msg = body == CKV__ENVELOPE__BODY_KVS_COMMIT    ? (void *)&c
+                : body == CKV__ENVELOPE__BODY_KVS_ABORT   ? (void *)&a
                 : body == CKV__ENVELOPE__BODY_KVS_RELEASE ? (void *)&r
                                                           : (void *)&d;
     put_env(s, body, msg);

@@ -68,7 +68,9 @@ static uint32_t entry_blocks(const struct kvs_index *ix, uint32_t e)
 
 static struct kvs_key entry_key(const struct ckv_shm_entry *en)
 {
-    struct kvs_key k = {.seq_uid = en->seq_uid, .layer = en->layer, .kv_head = en->kv_head,
+    struct kvs_key k = {.seq_uid = en->seq_uid,
+                        .layer = en->layer,
+                        .kv_head = en->kv_head,
                         .cluster_id = en->cluster_id};
     return k;
 }
@@ -357,8 +359,8 @@ void kvs_index_recover(struct kvs_index *ix, struct kvs_recovery *rep)
         if (!ok) {
             LOG_ERROR("recovery: entry %u (seq %llu layer %u head %u cluster %u, state %u) is "
                       "damaged: freed",
-                      e, (unsigned long long)en->seq_uid, en->layer, en->kv_head,
-                      en->cluster_id, st);
+                      e, (unsigned long long)en->seq_uid, en->layer, en->kv_head, en->cluster_id,
+                      st);
             ckv_shm_entry_publish(en, CKV_SHM_FREE);
             rep->damaged++;
             continue;
@@ -584,7 +586,7 @@ void kvs_index_block_offsets(const struct kvs_index *ix, uint32_t e, uint64_t *o
 /* ---- consistency check ---- */
 
 __attribute__((format(printf, 3, 4))) static int fail(char *err, size_t errlen, const char *fmt,
-                                                       ...)
+                                                      ...)
 {
     if (err && errlen) {
         va_list ap;
@@ -666,11 +668,10 @@ int kvs_index_check(const struct kvs_index *ix, char *err, size_t errlen)
             goto out;
         }
         data += en->n_blocks;
-        bool ok = r->hold == KVS_HOLD_BLOCKS
-                      ? check_chain(bused, ix->block_next, ix->n_blocks, en->first_block,
-                                    en->n_blocks)
-                      : check_chain(sused, ix->slot_next, ix->n_slots, en->first_slot,
-                                    en->n_blocks);
+        bool ok =
+            r->hold == KVS_HOLD_BLOCKS
+                ? check_chain(bused, ix->block_next, ix->n_blocks, en->first_block, en->n_blocks)
+                : check_chain(sused, ix->slot_next, ix->n_slots, en->first_slot, en->n_blocks);
         if (ok && r->io == KVS_RT_IO_SPILL) {
             ok = check_chain(sused, ix->slot_next, ix->n_slots, r->io_first, en->n_blocks);
             spilling += en->n_blocks;
@@ -679,8 +680,8 @@ int kvs_index_check(const struct kvs_index *ix, char *err, size_t errlen)
             restoring += en->n_blocks;
         }
         if (!ok) {
-            rc = fail(err, errlen, "entry %u: a chain shares a block or slot or leaves the pool",
-                      e);
+            rc =
+                fail(err, errlen, "entry %u: a chain shares a block or slot or leaves the pool", e);
             goto out;
         }
         if (!r->live) {
@@ -703,8 +704,8 @@ int kvs_index_check(const struct kvs_index *ix, char *err, size_t errlen)
             (st == CKV_SHM_RESIDENT && r->hold != KVS_HOLD_BLOCKS) ||
             (st == CKV_SHM_SPILLED && r->hold != KVS_HOLD_SLOTS) || st == CKV_SHM_FREE ||
             (bool)r->in_lru != want_lru) {
-            rc = fail(err, errlen, "entry %u: state %u, hold %u, io %u, pins %u, in_lru %u", e,
-                      st, r->hold, r->io, r->pins, r->in_lru);
+            rc = fail(err, errlen, "entry %u: state %u, hold %u, io %u, pins %u, in_lru %u", e, st,
+                      r->hold, r->io, r->pins, r->in_lru);
             goto out;
         }
         n_rsv += st == CKV_SHM_RESERVED;

@@ -63,7 +63,7 @@ struct kvs_rt {
     uint8_t live;         /* in the hash: reserved or committed, not unlinked */
     uint8_t in_lru;
     uint8_t in_ioq;
-    struct kvs_seq *seq;  /* the sequence's record while live */
+    struct kvs_seq *seq; /* the sequence's record while live */
 };
 
 /* The entries of one sequence. */
@@ -82,33 +82,33 @@ struct kvs_ids {
 };
 
 struct kvs_index {
-    struct ckv_shm *shm;           /* not owned */
-    struct ckv_shm_entry *ent;     /* (n_entries) in the segment */
-    uint32_t *block_next;          /* (n_blocks) in the segment */
-    uint32_t *slot_next;           /* (n_slots) in the segment */
+    struct ckv_shm *shm;       /* not owned */
+    struct ckv_shm_entry *ent; /* (n_entries) in the segment */
+    uint32_t *block_next;      /* (n_blocks) in the segment */
+    uint32_t *slot_next;       /* (n_slots) in the segment */
     uint32_t n_entries, n_blocks, n_slots;
     uint32_t block_bytes;
-    struct kvs_rt *rt;             /* (n_entries) */
-    uint32_t *hash;                /* (hash_mask + 1) bucket heads */
+    struct kvs_rt *rt; /* (n_entries) */
+    uint32_t *hash;    /* (hash_mask + 1) bucket heads */
     uint32_t hash_mask;
-    struct kvs_seq **seq_hash;     /* (seq_mask + 1) */
+    struct kvs_seq **seq_hash; /* (seq_mask + 1) */
     uint32_t seq_mask;
     uint32_t n_seqs;
     struct kvs_ids free_entries, free_blocks, free_slots;
-    uint32_t lru_head, lru_tail;   /* head: least recently fetched */
-    uint64_t evictable_blocks;     /* blocks of LRU entries without pins */
-    uint64_t spilling_blocks;      /* blocks of entries being spilled (freed when done) */
-    uint64_t restoring_blocks;     /* blocks being filled by restores */
-    uint64_t data_blocks;          /* blocks of data held by entries, in memory or spilled */
+    uint32_t lru_head, lru_tail; /* head: least recently fetched */
+    uint64_t evictable_blocks;   /* blocks of LRU entries without pins */
+    uint64_t spilling_blocks;    /* blocks of entries being spilled (freed when done) */
+    uint64_t restoring_blocks;   /* blocks being filled by restores */
+    uint64_t data_blocks;        /* blocks of data held by entries, in memory or spilled */
     uint32_t n_reserved, n_resident, n_spilled; /* live entries by state */
-    uint32_t n_unlinked;           /* entries unlinked but not yet freed */
+    uint32_t n_unlinked;                        /* entries unlinked but not yet freed */
 };
 
 /* What a recovery found. */
 struct kvs_recovery {
-    uint32_t resident, spilled;   /* committed clusters kept */
-    uint32_t reservations_dropped;/* RESERVED entries of the dead epoch, freed */
-    uint32_t damaged;             /* entries whose fields or chains were inconsistent, freed */
+    uint32_t resident, spilled;    /* committed clusters kept */
+    uint32_t reservations_dropped; /* RESERVED entries of the dead epoch, freed */
+    uint32_t damaged;              /* entries whose fields or chains were inconsistent, freed */
 };
 
 /* Sets up the process-private side for a mapped segment (not owned; must outlive ix) whose

@@ -10,7 +10,7 @@
 #include "ckv_error.h"
 
 __attribute__((format(printf, 4, 5))) static int fail(int rc, char *err, size_t errlen,
-                                                       const char *fmt, ...)
+                                                      const char *fmt, ...)
 {
     if (err && errlen) {
         va_list ap;
@@ -69,8 +69,7 @@ int kvs_proto_check(const Ckv__Envelope *env, const struct kvs_limits *lim, char
     switch (env->body_case) {
     case CKV__ENVELOPE__BODY_STATS_REQUEST:
     case CKV__ENVELOPE__BODY_PING:
-    case CKV__ENVELOPE__BODY_KVS_HELLO:
-        return 0;
+    case CKV__ENVELOPE__BODY_KVS_HELLO: return 0;
     case CKV__ENVELOPE__BODY_KVS_RESERVE: {
         const Ckv__KvsReserve *r = env->kvs_reserve;
         int rc = check_keys(r->keys, lim, name, err, errlen);
@@ -81,8 +80,8 @@ int kvs_proto_check(const Ckv__Envelope *env, const struct kvs_limits *lim, char
                         r->keys->n_seq_uid, r->n_n_tokens);
         for (size_t i = 0; i < r->n_n_tokens; i++)
             if (r->n_tokens[i] < 1 || r->n_tokens[i] > lim->max_cluster_tokens)
-                return fail(-EINVAL, err, errlen, "%s: cluster %zu has %u tokens (1..%u)", name,
-                            i, r->n_tokens[i], lim->max_cluster_tokens);
+                return fail(-EINVAL, err, errlen, "%s: cluster %zu has %u tokens (1..%u)", name, i,
+                            r->n_tokens[i], lim->max_cluster_tokens);
         return 0;
     }
     case CKV__ENVELOPE__BODY_KVS_COMMIT:
@@ -99,8 +98,7 @@ int kvs_proto_check(const Ckv__Envelope *env, const struct kvs_limits *lim, char
         if (!env->kvs_release->lease_id)
             return fail(-EINVAL, err, errlen, "%s: lease_id 0", name);
         return 0;
-    case CKV__ENVELOPE__BODY_KVS_DROP:
-        return 0;
+    case CKV__ENVELOPE__BODY_KVS_DROP: return 0;
     case CKV__ENVELOPE__BODY__NOT_SET:
         return fail(CKV_EUNKNOWN_TYPE, err, errlen, "no message body this store knows");
     default:
@@ -109,9 +107,8 @@ int kvs_proto_check(const Ckv__Envelope *env, const struct kvs_limits *lim, char
     }
 }
 
-int kvs_proto_decode(const uint8_t *buf, size_t len, size_t max_bytes,
-                     const struct kvs_limits *lim, Ckv__Envelope **env, char *err,
-                     size_t errlen)
+int kvs_proto_decode(const uint8_t *buf, size_t len, size_t max_bytes, const struct kvs_limits *lim,
+                     Ckv__Envelope **env, char *err, size_t errlen)
 {
     *env = NULL;
     if (len > max_bytes)

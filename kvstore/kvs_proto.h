@@ -30,9 +30,8 @@ int kvs_proto_check(const Ckv__Envelope *env, const struct kvs_limits *lim, char
  * body), then kvs_proto_check(). On 0 *env is owned by the caller (ckv_wire_free()); otherwise
  * *env is NULL and the code is CKV_ETOOBIG, CKV_EMALFORMED, CKV_EPROTO_VERSION,
  * CKV_EUNKNOWN_TYPE or -EINVAL, with a message in err. */
-int kvs_proto_decode(const uint8_t *buf, size_t len, size_t max_bytes,
-                     const struct kvs_limits *lim, Ckv__Envelope **env, char *err,
-                     size_t errlen);
+int kvs_proto_decode(const uint8_t *buf, size_t len, size_t max_bytes, const struct kvs_limits *lim,
+                     Ckv__Envelope **env, char *err, size_t errlen);
 
 /* The message name of a body case ("kvs_fetch", "ping", ...). */
 const char *kvs_proto_body_name(Ckv__Envelope__BodyCase body);
@@ -46,8 +45,10 @@ static inline size_t kvs_proto_n_keys(const Ckv__KvsKeys *k)
 /* Cluster i of a checked KvsKeys. */
 static inline struct kvs_key kvs_proto_key(const Ckv__KvsKeys *k, size_t i)
 {
-    struct kvs_key out = {.seq_uid = k->seq_uid[i], .layer = k->layer[i],
-                          .kv_head = k->kv_head[i], .cluster_id = k->cluster_id[i]};
+    struct kvs_key out = {.seq_uid = k->seq_uid[i],
+                          .layer = k->layer[i],
+                          .kv_head = k->kv_head[i],
+                          .cluster_id = k->cluster_id[i]};
     return out;
 }
 

@@ -87,8 +87,8 @@ int kvs_spill_open(struct kvs_spill *sp, const char *path, uint64_t n_slots, uin
         goto err;
     }
     if (created) {
-        struct kvs_spill_header h = {.magic = KVS_SPILL_MAGIC, .n_slots = n_slots,
-                                     .block_bytes = block_bytes};
+        struct kvs_spill_header h = {
+            .magic = KVS_SPILL_MAGIC, .n_slots = n_slots, .block_bytes = block_bytes};
         rc = kvs_spill_header_write(sp, &h); /* also the O_DIRECT probe */
         if (rc)
             goto err;

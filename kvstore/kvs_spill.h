@@ -30,7 +30,7 @@
 #include "ckv_stats.h"
 
 #define KVS_SPILL_HEADER_BYTES 4096u
-#define KVS_SPILL_MAGIC 0x314c4950535f564bull /* "KV_SPIL1" */
+#define KVS_SPILL_MAGIC        0x314c4950535f564bull /* "KV_SPIL1" */
 
 enum kvs_io_kind {
     KVS_IO_READ = 0,  /* slot -> block: restore */
@@ -52,8 +52,8 @@ struct kvs_io {
 
 /* The spill file header, at offset 0 of the file. */
 struct kvs_spill_header {
-    uint64_t magic;       /* KVS_SPILL_MAGIC */
-    uint64_t nonce;       /* == the segment's spill_nonce */
+    uint64_t magic; /* KVS_SPILL_MAGIC */
+    uint64_t nonce; /* == the segment's spill_nonce */
     uint64_t n_slots;
     uint32_t block_bytes;
     uint32_t pad;
@@ -61,25 +61,25 @@ struct kvs_spill_header {
 };
 
 struct kvs_spill {
-    int fd;                /* the spill file (O_DIRECT when direct) */
-    bool direct;           /* fd has O_DIRECT */
+    int fd;      /* the spill file (O_DIRECT when direct) */
+    bool direct; /* fd has O_DIRECT */
     char path[256];
-    uint32_t block_bytes;  /* bytes per slot */
+    uint32_t block_bytes; /* bytes per slot */
     uint64_t n_slots;
     struct io_uring ring;
     bool ring_ready;
-    int efd;               /* eventfd the ring signals on every completion */
-    uint32_t depth;        /* I/Os in flight at most */
-    uint32_t in_flight;    /* prepared and not yet completed */
-    uint32_t prepared;     /* prepared since the last submit */
-    struct kvs_io *ops;    /* (depth) */
+    int efd;            /* eventfd the ring signals on every completion */
+    uint32_t depth;     /* I/Os in flight at most */
+    uint32_t in_flight; /* prepared and not yet completed */
+    uint32_t prepared;  /* prepared since the last submit */
+    struct kvs_io *ops; /* (depth) */
     struct kvs_io *free_ops;
     /* stats */
-    struct ckv_hist lat_us;      /* completion latency of block I/Os, microseconds */
-    uint64_t busy_ns[2];         /* time with at least one I/O of a kind in flight */
+    struct ckv_hist lat_us; /* completion latency of block I/Os, microseconds */
+    uint64_t busy_ns[2];    /* time with at least one I/O of a kind in flight */
     uint64_t busy_since_ns[2];
     uint32_t kind_in_flight[2];
-    uint64_t ios[2];             /* block I/Os completed, by kind */
+    uint64_t ios[2]; /* block I/Os completed, by kind */
     uint64_t io_errors;
     uint64_t short_retries;
     uint64_t submit_calls;

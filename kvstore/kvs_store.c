@@ -32,7 +32,7 @@
 #include "kvs_proto.h"
 #include "kvs_spill.h"
 
-#define ID_EPOCH_SHIFT 40
+#define ID_EPOCH_SHIFT       40
 #define ERROR_LOG_PER_SECOND 20
 /* Blocks one reserve or fetch may cover: its reply (about 10 bytes per block offset) must stay
  * well inside a client's 4 MiB message limit (CKV_WIRE_DEFAULT_MAX_BYTES). */
@@ -59,7 +59,7 @@ struct kvs_grants {
 /* A reserve or fetch request waiting for blocks or restores. */
 struct kvs_wait {
     struct ckv_wire_addr from;
-    Ckv__Envelope *req;   /* owned */
+    Ckv__Envelope *req; /* owned */
     uint64_t t_start_ns;
     uint64_t deadline_ns;
     uint32_t *pinned;     /* fetch: (n_keys) entries pinned from the first run on; owned */
@@ -123,9 +123,8 @@ static uint32_t stats_code_slot(Ckv__ErrorCode code)
     return (uint32_t)code < 16 ? (uint32_t)code : 0;
 }
 
-__attribute__((format(printf, 4, 5))) static void reply_error(kvs_store_t *s,
-                                                              const struct ckv_wire_addr *to,
-                                                              int rc, const char *fmt, ...)
+__attribute__((format(printf, 4, 5))) static void
+reply_error(kvs_store_t *s, const struct ckv_wire_addr *to, int rc, const char *fmt, ...)
 {
     char text[512];
     va_list ap;
@@ -144,8 +143,7 @@ __attribute__((format(printf, 4, 5))) static void reply_error(kvs_store_t *s,
         s->log_suppressed = 0;
     }
     if (s->log_in_window++ < ERROR_LOG_PER_SECOND)
-        LOG_WARN("request %llu: error %d: %s", (unsigned long long)to->request_id, (int)code,
-                 text);
+        LOG_WARN("request %llu: error %d: %s", (unsigned long long)to->request_id, (int)code, text);
     else
         s->log_suppressed++;
     Ckv__Error err = CKV__ERROR__INIT;
@@ -400,8 +398,8 @@ static void on_io_done(void *arg, struct kvs_io *io, int res)
 static uint64_t blocks_obtainable(const kvs_store_t *s)
 {
     const struct kvs_index *ix = &s->ix;
-    uint64_t evictable = s->have_spill ? CKV_MIN(ix->evictable_blocks, (uint64_t)ix->free_slots.n)
-                                       : 0;
+    uint64_t evictable =
+        s->have_spill ? CKV_MIN(ix->evictable_blocks, (uint64_t)ix->free_slots.n) : 0;
     return ix->free_blocks.n + ix->spilling_blocks + evictable;
 }
 
@@ -471,7 +469,7 @@ static long find_duplicate(kvs_store_t *s, const Ckv__KvsKeys *keys, size_t n)
     return -1;
 }
 
-#define KEY_FMT "(seq %llu, layer %u, head %u, cluster %u)"
+#define KEY_FMT     "(seq %llu, layer %u, head %u, cluster %u)"
 #define KEY_ARGS(k) (unsigned long long)(k).seq_uid, (k).layer, (k).kv_head, (k).cluster_id
 
 static int run_reserve(kvs_store_t *s, struct kvs_wait *w)
@@ -514,8 +512,7 @@ static int run_reserve(kvs_store_t *s, struct kvs_wait *w)
         return RUN_DONE;
     }
     if (need > ix->n_blocks) {
-        reply_error(s, &w->from, -ENOSPC,
-                    "reserve: %llu blocks asked, the whole segment holds %u",
+        reply_error(s, &w->from, -ENOSPC, "reserve: %llu blocks asked, the whole segment holds %u",
                     (unsigned long long)need, ix->n_blocks);
         return RUN_DONE;
     }
@@ -690,9 +687,9 @@ static int run_fetch(kvs_store_t *s, struct kvs_wait *w)
                 return RUN_DONE;
             }
             if (r->io == KVS_RT_IO_NONE && r->hold == KVS_HOLD_SLOTS && r->io_err) {
-                reply_error(s, &w->from, -EIO, "fetch: restore of cluster " KEY_FMT
-                            " from the spill file failed: %s", KEY_ARGS(k),
-                            strerror(-r->io_err));
+                reply_error(s, &w->from, -EIO,
+                            "fetch: restore of cluster " KEY_FMT " from the spill file failed: %s",
+                            KEY_ARGS(k), strerror(-r->io_err));
                 fetch_unpin(s, w);
                 return RUN_DONE;
             }
@@ -847,7 +844,9 @@ void kvs_store_handle(kvs_store_t *s, const struct ckv_wire_addr *from, Ckv__Env
         send_body(s, from, &env);
         break;
     }
-    case CKV__ENVELOPE__BODY_STATS_REQUEST: do_stats(s, from, req->stats_request->prometheus); break;
+    case CKV__ENVELOPE__BODY_STATS_REQUEST:
+        do_stats(s, from, req->stats_request->prometheus);
+        break;
     case CKV__ENVELOPE__BODY_KVS_COMMIT:
     case CKV__ENVELOPE__BODY_KVS_ABORT: {
         bool commit = req->body_case == CKV__ENVELOPE__BODY_KVS_COMMIT;
@@ -906,8 +905,7 @@ void kvs_store_handle(kvs_store_t *s, const struct ckv_wire_addr *from, Ckv__Env
         }
         break;
     }
-    default:
-        ASSERT(!"kvs_proto_check() let an unhandled body through");
+    default: ASSERT(!"kvs_proto_check() let an unhandled body through");
     }
     ckv_wire_free(req);
     evict(s);
@@ -962,8 +960,8 @@ void kvs_store_poll(kvs_store_t *s)
     }
     while (s->reservations.head && s->reservations.head->deadline_ns <= now) {
         struct kvs_grant *h = s->reservations.head;
-        LOG_WARN("reservation %llu of %u clusters expired uncommitted",
-                 (unsigned long long)h->id, h->n);
+        LOG_WARN("reservation %llu of %u clusters expired uncommitted", (unsigned long long)h->id,
+                 h->n);
         s->st.reservation_expiries++;
         reservation_end(s, h, false);
     }
@@ -1025,12 +1023,12 @@ void kvs_store_info(const kvs_store_t *s, struct kvs_store_info *in)
     in->bytes_restored = s->st.bytes_restored;
     if (s->have_spill) {
         uint64_t now = ckv_now_ns();
-        in->spill_busy_ns = s->sp.busy_ns[KVS_IO_WRITE] +
-                            (s->sp.kind_in_flight[KVS_IO_WRITE]
-                                 ? now - s->sp.busy_since_ns[KVS_IO_WRITE] : 0);
-        in->restore_busy_ns = s->sp.busy_ns[KVS_IO_READ] +
-                              (s->sp.kind_in_flight[KVS_IO_READ]
-                                   ? now - s->sp.busy_since_ns[KVS_IO_READ] : 0);
+        in->spill_busy_ns =
+            s->sp.busy_ns[KVS_IO_WRITE] +
+            (s->sp.kind_in_flight[KVS_IO_WRITE] ? now - s->sp.busy_since_ns[KVS_IO_WRITE] : 0);
+        in->restore_busy_ns =
+            s->sp.busy_ns[KVS_IO_READ] +
+            (s->sp.kind_in_flight[KVS_IO_READ] ? now - s->sp.busy_since_ns[KVS_IO_READ] : 0);
     }
     in->lease_expiries = s->st.lease_expiries;
     in->reservation_expiries = s->st.reservation_expiries;
@@ -1073,19 +1071,16 @@ void kvs_store_stats(kvs_store_t *s, bool prometheus, struct ckv_buf *out)
     ckv_stats_gauge(&w, "blocks_free", "free blocks", (double)in.blocks_free);
     ckv_stats_gauge(&w, "blocks_spilling", "blocks being written to the spill file",
                     (double)ix->spilling_blocks);
-    ckv_stats_gauge(&w, "blocks_restoring", "blocks being read back",
-                    (double)ix->restoring_blocks);
+    ckv_stats_gauge(&w, "blocks_restoring", "blocks being read back", (double)ix->restoring_blocks);
     ckv_stats_gauge(&w, "blocks_evictable", "blocks of unpinned resident clusters",
                     (double)ix->evictable_blocks);
-    ckv_stats_gauge(&w, "clusters_resident", "committed clusters in memory",
-                    in.clusters_resident);
+    ckv_stats_gauge(&w, "clusters_resident", "committed clusters in memory", in.clusters_resident);
     ckv_stats_gauge(&w, "clusters_spilled", "committed clusters in the spill file",
                     in.clusters_spilled);
     ckv_stats_gauge(&w, "clusters_reserved", "reserved, uncommitted clusters",
                     in.clusters_reserved);
     ckv_stats_gauge(&w, "clusters_dropped_pending",
-                    "dropped clusters waiting for a lease or an I/O to end",
-                    in.clusters_unlinked);
+                    "dropped clusters waiting for a lease or an I/O to end", in.clusters_unlinked);
     ckv_stats_gauge(&w, "index_entries_free", "free index entries", ix->free_entries.n);
     ckv_stats_gauge(&w, "sequences", "sequences with clusters", ix->n_seqs);
 
@@ -1100,10 +1095,8 @@ void kvs_store_stats(kvs_store_t *s, bool prometheus, struct ckv_buf *out)
     ckv_stats_counter(&w, "spills_abandoned", "spills dropped because a fetch came first",
                       st->spills_abandoned);
     ckv_stats_counter(&w, "spill_errors", "clusters whose spill failed", st->spill_errors);
-    ckv_stats_counter(&w, "restore_errors", "clusters whose restore failed",
-                      st->restore_errors);
-    ckv_stats_counter(&w, "bytes_spilled", "bytes written to the spill file",
-                      st->bytes_spilled);
+    ckv_stats_counter(&w, "restore_errors", "clusters whose restore failed", st->restore_errors);
+    ckv_stats_counter(&w, "bytes_spilled", "bytes written to the spill file", st->bytes_spilled);
     ckv_stats_counter(&w, "bytes_restored", "bytes read back", st->bytes_restored);
     ckv_stats_counter(&w, "spill_busy_us", "time with spill writes in flight",
                       in.spill_busy_ns / 1000u);
@@ -1136,8 +1129,7 @@ void kvs_store_stats(kvs_store_t *s, bool prometheus, struct ckv_buf *out)
     ckv_stats_gauge(&w, "leases_active", "leases outstanding", in.leases);
     ckv_stats_gauge(&w, "reservations_active", "reservations outstanding", in.reservations);
     ckv_stats_gauge(&w, "requests_waiting", "requests waiting for spill I/O", in.waiting);
-    ckv_stats_counter(&w, "lease_expiries", "leases that expired unreleased",
-                      st->lease_expiries);
+    ckv_stats_counter(&w, "lease_expiries", "leases that expired unreleased", st->lease_expiries);
     ckv_stats_counter(&w, "reservation_expiries", "reservations that expired uncommitted",
                       st->reservation_expiries);
     ckv_stats_counter(&w, "waits", "requests that had to wait for spill I/O", st->waits);
@@ -1194,8 +1186,7 @@ static uint64_t random_nonce(void)
 }
 
 /* Opens the segment: recovers an existing one, replaces a half-made one, or creates it. */
-static int open_segment(kvs_store_t *s, const struct ckv_shm_geometry *g, char *err,
-                        size_t errlen)
+static int open_segment(kvs_store_t *s, const struct ckv_shm_geometry *g, char *err, size_t errlen)
 {
     const char *name = s->cfg.segment_name;
     struct ckv_shm_header layout;
@@ -1206,13 +1197,15 @@ static int open_segment(kvs_store_t *s, const struct ckv_shm_geometry *g, char *
     rc = ckv_shm_open(name, &s->shm, why, sizeof(why));
     if (rc == 0) {
         if (flock(s->shm.fd, LOCK_EX | LOCK_NB) != 0)
-            return open_fail(err, errlen, -EBUSY, "segment %s is in use by another ckv-kvstore "
-                             "(pid %u)", name, s->shm.hdr->store_pid);
+            return open_fail(err, errlen, -EBUSY,
+                             "segment %s is in use by another ckv-kvstore "
+                             "(pid %u)",
+                             name, s->shm.hdr->store_pid);
         const struct ckv_shm_header *h = s->shm.hdr;
-        const char *field = h->head_dim != g->head_dim           ? "head-dim"
-                            : h->dtype != g->dtype               ? "dtype"
-                            : h->n_blocks != g->n_blocks         ? "segment-size"
-                            : h->max_clusters != g->max_clusters ? "max-clusters"
+        const char *field = h->head_dim != g->head_dim             ? "head-dim"
+                            : h->dtype != g->dtype                 ? "dtype"
+                            : h->n_blocks != g->n_blocks           ? "segment-size"
+                            : h->max_clusters != g->max_clusters   ? "max-clusters"
                             : h->n_spill_slots != g->n_spill_slots ? "spill-size/spill-file"
                                                                    : NULL;
         if (field)
@@ -1222,8 +1215,7 @@ static int open_segment(kvs_store_t *s, const struct ckv_shm_geometry *g, char *
                              "slots): start with its configuration, or remove it with --cleanup "
                              "(its clusters are lost)",
                              name, field, h->head_dim, ckv_shm_dtype_name(h->dtype),
-                             (unsigned long long)h->n_blocks,
-                             (unsigned long long)h->max_clusters,
+                             (unsigned long long)h->n_blocks, (unsigned long long)h->max_clusters,
                              (unsigned long long)h->n_spill_slots);
         s->recovered = true;
         return 0;
@@ -1235,8 +1227,10 @@ static int open_segment(kvs_store_t *s, const struct ckv_shm_geometry *g, char *
         if (fd >= 0)
             close(fd);
         if (locked)
-            return open_fail(err, errlen, -EBUSY, "segment %s is being created by another "
-                             "ckv-kvstore", name);
+            return open_fail(err, errlen, -EBUSY,
+                             "segment %s is being created by another "
+                             "ckv-kvstore",
+                             name);
         LOG_WARN("segment %s: %s; replacing it", name, why);
         ckv_shm_unlink(name);
         rc = -ENOENT;
@@ -1254,8 +1248,7 @@ static int open_segment(kvs_store_t *s, const struct ckv_shm_geometry *g, char *
                          (unsigned long long)layout.segment_bytes, ckv_strerror(rc));
     s->created = true;
     if (flock(s->shm.fd, LOCK_EX | LOCK_NB) != 0)
-        return open_fail(err, errlen, -EBUSY, "segment %s: lock taken right after creation",
-                         name);
+        return open_fail(err, errlen, -EBUSY, "segment %s: lock taken right after creation", name);
     return 0;
 }
 
@@ -1267,8 +1260,7 @@ static int open_spill(kvs_store_t *s, char *err, size_t errlen)
                             s->cfg.direct_io, (uint32_t)s->cfg.io_depth);
     if (rc)
         return open_fail(err, errlen, rc, "spill file %s (%llu bytes): %s", s->cfg.spill_file,
-                         (unsigned long long)(h->n_spill_slots * h->block_bytes),
-                         ckv_strerror(rc));
+                         (unsigned long long)(h->n_spill_slots * h->block_bytes), ckv_strerror(rc));
     s->have_spill = true;
     struct kvs_spill_header fh;
     rc = kvs_spill_header_read(&s->sp, &fh);
@@ -1285,8 +1277,10 @@ static int open_spill(kvs_store_t *s, char *err, size_t errlen)
                          "clusters live in its own spill file: start with that file, or "
                          "remove the segment with --cleanup (those clusters are lost)",
                          s->cfg.spill_file, s->cfg.segment_name, s->ix.n_spilled);
-    struct kvs_spill_header nh = {.magic = KVS_SPILL_MAGIC, .nonce = h->spill_nonce,
-                                  .n_slots = h->n_spill_slots, .block_bytes = h->block_bytes};
+    struct kvs_spill_header nh = {.magic = KVS_SPILL_MAGIC,
+                                  .nonce = h->spill_nonce,
+                                  .n_slots = h->n_spill_slots,
+                                  .block_bytes = h->block_bytes};
     snprintf(nh.segment_name, sizeof(nh.segment_name), "%s", s->cfg.segment_name);
     rc = kvs_spill_header_write(&s->sp, &nh);
     if (rc)
@@ -1323,8 +1317,8 @@ int kvs_store_new(const struct kvs_config *cfg, kvs_reply_fn reply, void *reply_
         .n_blocks = cfg->pool_bytes / bb,
         .n_spill_slots = cfg->spill_file[0] ? cfg->spill_bytes / bb : 0,
     };
-    g.max_clusters = cfg->max_clusters ? cfg->max_clusters
-                                       : CKV_MAX(1024, (g.n_blocks + g.n_spill_slots) / 2);
+    g.max_clusters =
+        cfg->max_clusters ? cfg->max_clusters : CKV_MAX(1024, (g.n_blocks + g.n_spill_slots) / 2);
     g.max_clusters = CKV_MIN(g.max_clusters, (uint64_t)CKV_SHM_MAX_BLOCKS);
 
     if ((rc = open_segment(s, &g, err, errlen)) != 0)
@@ -1353,8 +1347,9 @@ int kvs_store_new(const struct kvs_config *cfg, kvs_reply_fn reply, void *reply_
      * restore: a fetch evicts into that headroom to make room for what it reads back. */
     uint64_t headroom = 0;
     if (s->have_spill)
-        headroom = CKV_MIN((uint64_t)s->ix.n_blocks / 4,
-                           CKV_MAX(64u, 2u * (uint64_t)cfg->max_cluster_tokens / CKV_SHM_BLOCK_TOKENS));
+        headroom =
+            CKV_MIN((uint64_t)s->ix.n_blocks / 4,
+                    CKV_MAX(64u, 2u * (uint64_t)cfg->max_cluster_tokens / CKV_SHM_BLOCK_TOKENS));
     headroom = CKV_MIN(headroom, (uint64_t)s->ix.n_slots / 2);
     s->capacity_blocks = (uint64_t)s->ix.n_blocks + s->ix.n_slots - headroom;
     s->high_blocks = (uint64_t)(cfg->high_watermark * (double)s->ix.n_blocks);
@@ -1379,8 +1374,8 @@ int kvs_store_new(const struct kvs_config *cfg, kvs_reply_fn reply, void *reply_
                  s->ix.block_bytes, h->head_dim, ckv_shm_dtype_name(h->dtype), s->ix.n_entries,
                  s->ix.n_slots);
     if (s->have_spill)
-        LOG_INFO("spill file %s: %u slots, %s I/O, queue depth %d", cfg->spill_file,
-                 s->ix.n_slots, s->sp.direct ? "O_DIRECT" : "buffered", cfg->io_depth);
+        LOG_INFO("spill file %s: %u slots, %s I/O, queue depth %d", cfg->spill_file, s->ix.n_slots,
+                 s->sp.direct ? "O_DIRECT" : "buffered", cfg->io_depth);
     *out = s;
     return 0;
 
@@ -1464,7 +1459,6 @@ int kvs_store_cleanup(const struct kvs_config *cfg, char *msg, size_t msglen)
     bool had_spill = cfg->spill_file[0] && unlink(cfg->spill_file) == 0;
     snprintf(msg, msglen, "segment %s %s; spill file %s %s", name,
              had_segment ? "removed" : "did not exist",
-             cfg->spill_file[0] ? cfg->spill_file : "(none)",
-             had_spill ? "removed" : "not there");
+             cfg->spill_file[0] ? cfg->spill_file : "(none)", had_spill ? "removed" : "not there");
     return 0;
 }

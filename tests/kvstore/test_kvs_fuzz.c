@@ -83,18 +83,18 @@ static size_t mutate(const uint8_t *src, size_t n, uint8_t *dst, size_t cap, con
     for (int k = 0; k < ops && len > 1; k++) {
         size_t at = 1 + rng() % (len - 1); /* keep the options byte mostly */
         switch (rng() % 9) {
-        case 0: dst[at] ^= (uint8_t)(1u << (rng() % 8)); break;        /* bit flip */
-        case 1: dst[at] = (uint8_t)rng(); break;                        /* random byte */
+        case 0: dst[at] ^= (uint8_t)(1u << (rng() % 8)); break; /* bit flip */
+        case 1: dst[at] = (uint8_t)rng(); break;                /* random byte */
         case 2: dst[at] = (uint8_t[]){0, 1, 0x7f, 0x80, 0xff}[rng() % 5]; break;
-        case 3: len = at; break;                                        /* truncate */
-        case 4:                                                         /* delete a run */
+        case 3: len = at; break; /* truncate */
+        case 4:                  /* delete a run */
             if (len - at > 1) {
                 size_t d = 1 + rng() % CKV_MIN(len - at - 1, 8);
                 memmove(dst + at, dst + at + d, len - at - d);
                 len -= d;
             }
             break;
-        case 5:                                                         /* insert bytes */
+        case 5: /* insert bytes */
             if (len + 4 < cap) {
                 memmove(dst + at + 4, dst + at, len - at);
                 for (int i = 0; i < 4; i++)
@@ -102,7 +102,7 @@ static size_t mutate(const uint8_t *src, size_t n, uint8_t *dst, size_t cap, con
                 len += 4;
             }
             break;
-        case 6:                                                         /* splice another input */
+        case 6: /* splice another input */
             if (n_other > 1) {
                 size_t from = 1 + rng() % (n_other - 1);
                 size_t cnt = CKV_MIN(n_other - from, cap - at);
@@ -110,14 +110,14 @@ static size_t mutate(const uint8_t *src, size_t n, uint8_t *dst, size_t cap, con
                 len = at + cnt;
             }
             break;
-        case 7:                                                         /* repeat a region */
+        case 7: /* repeat a region */
             if (len * 2 < cap) {
                 size_t cnt = len - at;
                 memcpy(dst + len, dst + at, cnt);
                 len += cnt;
             }
             break;
-        case 8: dst[0] ^= 1; break;                                     /* spill on/off */
+        case 8: dst[0] ^= 1; break; /* spill on/off */
         }
     }
     return len;
@@ -128,7 +128,8 @@ Test(kvs_fuzz, mutated_corpus_keeps_every_rule)
     static uint8_t seeds[8][1 << 12], buf[1 << 13];
     size_t lens[8];
     unsigned n_seeds = 0;
-    while (n_seeds < 8 && (lens[n_seeds] = kvs_fuzz_seed(n_seeds, seeds[n_seeds], sizeof(seeds[0]))))
+    while (n_seeds < 8 &&
+           (lens[n_seeds] = kvs_fuzz_seed(n_seeds, seeds[n_seeds], sizeof(seeds[0]))))
         n_seeds++;
     cr_assert_geq(n_seeds, 6);
     char err[512];
@@ -149,7 +150,8 @@ Test(kvs_fuzz, mutated_corpus_keeps_every_rule)
                  (unsigned long long)fz.decoded, (unsigned long long)fz.frames);
     cr_assert_gt(fz.bytes_checked, 0);
     cr_log_info("kvs_fuzz: %llu inputs, %llu frames, %llu decoded, %llu error replies, %llu bytes "
-                "checked", (unsigned long long)fz.runs, (unsigned long long)fz.frames,
+                "checked",
+                (unsigned long long)fz.runs, (unsigned long long)fz.frames,
                 (unsigned long long)fz.decoded, (unsigned long long)fz.errors_replied,
                 (unsigned long long)fz.bytes_checked);
 }

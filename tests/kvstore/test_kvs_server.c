@@ -53,11 +53,11 @@ static pid_t start_with(const char *const *extra, bool wait)
 {
     char bin[512];
     ckv_test_bin_path("ckv-kvstore", bin, sizeof(bin));
-    const char *argv[40] = {bin,          "--run-dir",    dir,           "--segment-name",
-                            seg,          "--segment-size", "256k",      "--head-dim",
-                            "64",         "--spill-file", spill,         "--spill-size",
-                            "16m",        "--mlock",      "no",          "--log-file",
-                            log_path,     "--lease-ms",   "20000"};
+    const char *argv[40] = {bin,      "--run-dir",      dir,    "--segment-name",
+                            seg,      "--segment-size", "256k", "--head-dim",
+                            "64",     "--spill-file",   spill,  "--spill-size",
+                            "16m",    "--mlock",        "no",   "--log-file",
+                            log_path, "--lease-ms",     "20000"};
     int n = 19;
     for (int i = 0; extra && extra[i]; i++)
         argv[n++] = extra[i];
@@ -200,8 +200,8 @@ Test(kvs_server, byte_exact_through_two_mappings)
 
     struct kvs_key keys[16];
     uint32_t ntok[16];
-    make_keys(1, 16, keys, ntok); /* 44 blocks */
-    put(w, keys, ntok, 16); /* written through one mapping ... */
+    make_keys(1, 16, keys, ntok);                     /* 44 blocks */
+    put(w, keys, ntok, 16);                           /* written through one mapping ... */
     uint64_t lease = get_check(r, keys, ntok, 16, 0); /* ... read through another */
     cr_assert_eq(kvs_client_release(r, lease), 0);
     cr_assert_eq(kvs_client_release(r, lease), -ENOENT);
@@ -403,7 +403,7 @@ static int raw_envelope(Ckv__Envelope *env)
 #define EXPECT_CODE(got, want)                                                                     \
     do {                                                                                           \
         int code_ = (got);                                                                         \
-        cr_assert_eq(code_, (want), "error code %d, expected %d", code_, (int)(want));            \
+        cr_assert_eq(code_, (want), "error code %d, expected %d", code_, (int)(want));             \
         sent++;                                                                                    \
     } while (0)
 
@@ -446,7 +446,7 @@ Test(kvs_server, malformed_frames_of_every_kind_get_errors_and_change_nothing)
     /* wrong version, no body, replies and unknown bodies */
     env->version = 7;
     EXPECT_CODE(raw_exchange(frame, ckv__envelope__pack(env, frame)),
-                 CKV__ERROR_CODE__ERROR_CODE_BAD_VERSION);
+                CKV__ERROR_CODE__ERROR_CODE_BAD_VERSION);
     Ckv__Envelope empty = CKV__ENVELOPE__INIT;
     empty.version = CKV_PROTOCOL_VERSION;
     EXPECT_CODE(raw_envelope(&empty), UNKNOWN);
@@ -477,25 +477,25 @@ Test(kvs_server, malformed_frames_of_every_kind_get_errors_and_change_nothing)
     make_keys(7, 17, many, manyn);
     Ckv__Envelope *bad = kvt_reserve(&m, many, manyn, 17);
     bad->version = CKV_PROTOCOL_VERSION;
-    EXPECT_CODE(raw_envelope(bad), BAD);              /* too many keys */
+    EXPECT_CODE(raw_envelope(bad), BAD); /* too many keys */
     bad = kvt_reserve(&m, many, manyn, 2);
     bad->version = CKV_PROTOCOL_VERSION;
     m.u.reserve.n_n_tokens = 1;
-    EXPECT_CODE(raw_envelope(bad), BAD);              /* counts disagree */
+    EXPECT_CODE(raw_envelope(bad), BAD); /* counts disagree */
     m.u.reserve.n_n_tokens = 2;
     m.ntok[1] = 0;
-    EXPECT_CODE(raw_envelope(bad), BAD);              /* zero tokens */
+    EXPECT_CODE(raw_envelope(bad), BAD); /* zero tokens */
     m.ntok[1] = 1u << 30;
-    EXPECT_CODE(raw_envelope(bad), BAD);              /* too many tokens */
+    EXPECT_CODE(raw_envelope(bad), BAD); /* too many tokens */
     bad = kvt_reserve(&m, keys, ntok, 1);
     bad->version = CKV_PROTOCOL_VERSION;
-    EXPECT_CODE(raw_envelope(bad), BAD);              /* exists */
+    EXPECT_CODE(raw_envelope(bad), BAD); /* exists */
     bad = kvt_fetch(&m, keys, 0, 0);
     bad->version = CKV_PROTOCOL_VERSION;
-    EXPECT_CODE(raw_envelope(bad), BAD);              /* no keys */
+    EXPECT_CODE(raw_envelope(bad), BAD); /* no keys */
     bad = kvt_fetch(&m, many, 17, 0);
     bad->version = CKV_PROTOCOL_VERSION;
-    EXPECT_CODE(raw_envelope(bad), BAD);              /* too many keys */
+    EXPECT_CODE(raw_envelope(bad), BAD); /* too many keys */
     bad = kvt_fetch(&m, keys + 15, 1, 0);
     bad->version = CKV_PROTOCOL_VERSION;
     EXPECT_CODE(raw_envelope(bad), CKV__ERROR_CODE__ERROR_CODE_NOT_FOUND);
@@ -504,7 +504,7 @@ Test(kvs_server, malformed_frames_of_every_kind_get_errors_and_change_nothing)
     for (int i = 0; i < 3; i++) {
         bad = kvt_id(&m, ids[i], 0);
         bad->version = CKV_PROTOCOL_VERSION;
-        EXPECT_CODE(raw_envelope(bad), BAD);          /* id 0 */
+        EXPECT_CODE(raw_envelope(bad), BAD); /* id 0 */
         bad = kvt_id(&m, ids[i], 0xdeadbeef);
         bad->version = CKV_PROTOCOL_VERSION;
         EXPECT_CODE(raw_envelope(bad), CKV__ERROR_CODE__ERROR_CODE_NOT_FOUND);
@@ -594,14 +594,23 @@ Test(kvs_server, stats_in_both_formats)
     struct ckv_buf kv = {0}, prom = {0};
     cr_assert_eq(kvs_client_stats(c, false, &kv), 0);
     cr_assert_eq(kvs_client_stats(c, true, &prom), 0);
-    const char *fields[] = {"blocks_used:", "blocks_free:", "clusters_resident:",
-                            "clusters_spilled:", "fetches:1", "hits:8", "restores:",
-                            "bytes_spilled:", "bytes_restored:", "io_latency_us_p50:",
-                            "lease_expiries:0", "errors:0", "epoch:1", "commits:1"};
+    const char *fields[] = {"blocks_used:",
+                            "blocks_free:",
+                            "clusters_resident:",
+                            "clusters_spilled:",
+                            "fetches:1",
+                            "hits:8",
+                            "restores:",
+                            "bytes_spilled:",
+                            "bytes_restored:",
+                            "io_latency_us_p50:",
+                            "lease_expiries:0",
+                            "errors:0",
+                            "epoch:1",
+                            "commits:1"};
     for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++)
         cr_assert(strstr(kv.data, fields[i]), "key:value stats lack %s:\n%s", fields[i], kv.data);
-    const char *pfields[] = {"# TYPE ckv_kvstore_fetches_total counter",
-                             "ckv_kvstore_blocks_used ",
+    const char *pfields[] = {"# TYPE ckv_kvstore_fetches_total counter", "ckv_kvstore_blocks_used ",
                              "ckv_kvstore_io_latency_us_bucket{le=\"+Inf\"}",
                              "ckv_kvstore_hits_total 8"};
     for (size_t i = 0; i < sizeof(pfields) / sizeof(pfields[0]); i++)

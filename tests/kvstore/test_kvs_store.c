@@ -124,8 +124,8 @@ static void expect_error(Ckv__Envelope *req, Ckv__ErrorCode code, const char *ne
                  kvs_proto_body_name(req->body_case), (int)code, (int)r->body_case,
                  r->body_case == CKV__ENVELOPE__BODY_ERROR ? r->error->message : "");
     if (needle)
-        cr_assert(strstr(r->error->message, needle), "message '%s' lacks '%s'",
-                  r->error->message, needle);
+        cr_assert(strstr(r->error->message, needle), "message '%s' lacks '%s'", r->error->message,
+                  needle);
     ckv_wire_free(r);
 }
 
@@ -386,8 +386,7 @@ Test(kvs_store, full_segment_without_spill_refuses_and_keeps_data)
 
 /* Writes `rounds` batches of clusters of varied sizes (seq s, layer = round), each batch one
  * reserve and one commit. */
-static void put_many(uint64_t seq, int rounds, int per_round, struct kvs_key *keys,
-                     uint32_t *ntok)
+static void put_many(uint64_t seq, int rounds, int per_round, struct kvs_key *keys, uint32_t *ntok)
 {
     for (int r = 0; r < rounds; r++) {
         for (int i = 0; i < per_round; i++) {
