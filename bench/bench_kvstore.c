@@ -341,6 +341,7 @@ static struct tput run_spill_restore(uint64_t pool_mib)
     r.restore_busy_mbps = rbusy > 0 ? r.bytes_restored / MIB / (rbusy / 1e6) : 0;
     if (stat_value(c, "restore_errors") != 0 || stat_value(c, "spill_errors") != 0) {
         fprintf(stderr, "bench: I/O errors; see %s\n", log_path);
+        stop_store();
         exit(1);
     }
     kvs_client_destroy(&c);

@@ -34,6 +34,8 @@ static int write_page(int fd, const void *src, size_t len)
     return rc;
 }
 
+static int submit_prepared(struct kvs_spill *sp);
+
 /* Reopens the file without O_DIRECT. */
 static int fall_back_to_buffered(struct kvs_spill *sp, const char *why)
 {
@@ -41,7 +43,9 @@ static int fall_back_to_buffered(struct kvs_spill *sp, const char *why)
     if (fd < 0)
         return -errno;
     LOG_WARN("spill file %s: O_DIRECT refused (%s): using buffered I/O", sp->path, why);
-    close(sp->fd); /* the ring holds its own reference for I/Os in flight */
+    if (sp->ring_ready)
+        submit_prepared(sp); /* SQEs name the old descriptor: let them go before it closes */
+    close(sp->fd);           /* the ring holds its own reference for I/Os in flight */
     sp->fd = fd;
     sp->direct = false;
     return 0;
@@ -188,6 +192,7 @@ static void queue_sqe(struct kvs_spill *sp, struct kvs_io *io)
     else
         io_uring_prep_read(sqe, sp->fd, buf, len, off);
     io_uring_sqe_set_data(sqe, io);
+    io->direct = sp->direct;
     sp->prepared++;
 }
 
@@ -212,6 +217,11 @@ struct kvs_io *kvs_spill_prep(struct kvs_spill *sp, enum kvs_io_kind kind, uint8
 }
 
 int kvs_spill_submit(struct kvs_spill *sp)
+{
+    return submit_prepared(sp);
+}
+
+static int submit_prepared(struct kvs_spill *sp)
 {
     if (!sp->prepared)
         return 0;
@@ -243,7 +253,10 @@ int kvs_spill_reap(struct kvs_spill *sp, kvs_spill_done_fn done, void *arg)
         int res = cqe->res;
         io_uring_cqe_seen(&sp->ring, cqe);
         ASSERT(io);
-        if (res == -EINVAL && sp->direct && fall_back_to_buffered(sp, "I/O answered EINVAL") == 0) {
+        /* O_DIRECT refused: fall back once, and send every I/O that went out on the O_DIRECT
+         * descriptor (several may be in flight) again on the buffered one. */
+        if (res == -EINVAL && io->direct &&
+            (!sp->direct || fall_back_to_buffered(sp, "I/O answered EINVAL") == 0)) {
             queue_sqe(sp, io);
             continue;
         }

@@ -44,6 +44,7 @@ struct kvs_io {
     uint32_t block;       /* caller's tag: the pool block */
     uint32_t slot;        /* spill slot */
     uint8_t kind;         /* enum kvs_io_kind */
+    uint8_t direct;       /* last submitted on the O_DIRECT descriptor */
     uint8_t *buf;         /* block_bytes in the segment */
     uint32_t done_bytes;  /* transferred so far */
     uint64_t t_submit_ns; /* for the latency histogram */

@@ -294,7 +294,7 @@ static uint32_t reservation_end(kvs_store_t *s, struct kvs_grant *h, bool commit
 static void reply_unknown_id(kvs_store_t *s, const struct ckv_wire_addr *to, const char *what,
                              uint64_t id)
 {
-    if (id_epoch(id) != s->epoch)
+    if (id_epoch(id) != 0 && id_epoch(id) < s->epoch)
         reply_error(s, to, -ENOENT,
                     "%s %llu is from epoch %llu; the store restarted (epoch %llu) and dropped it",
                     what, (unsigned long long)id, (unsigned long long)id_epoch(id),
