@@ -204,7 +204,7 @@ Test(kvs_store, out_of_order_and_bad_requests_change_nothing)
     expect_error(kvt_id(&m, CKV__ENVELOPE__BODY_KVS_ABORT, committed), NOT_FOUND, NULL);
     expect_error(kvt_id(&m, CKV__ENVELOPE__BODY_KVS_COMMIT, lease), NOT_FOUND, NULL);
     expect_error(kvt_id(&m, CKV__ENVELOPE__BODY_KVS_RELEASE, open_rsv), NOT_FOUND, NULL);
-    expect_error(kvt_id(&m, CKV__ENVELOPE__BODY_KVS_RELEASE, 12345), NOT_FOUND, "epoch");
+    expect_error(kvt_id(&m, CKV__ENVELOPE__BODY_KVS_RELEASE, 12345), NOT_FOUND, "never granted");
     expect_error(kvt_id(&m, CKV__ENVELOPE__BODY_KVS_COMMIT, 0), BAD, "reservation_id 0");
     expect_error(kvt_id(&m, CKV__ENVELOPE__BODY_KVS_RELEASE, 0), BAD, "lease_id 0");
     /* fetch: unknown cluster, uncommitted cluster, duplicates, unknown lease to release */
