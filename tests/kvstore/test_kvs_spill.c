@@ -74,6 +74,14 @@ static void run_all(enum kvs_io_kind kind, uint8_t *bufs, size_t stride, struct 
     }
 }
 
+/* Page-aligned memory (posix_memalign: any size). */
+static uint8_t *page_alloc(size_t bytes)
+{
+    void *p = NULL;
+    cr_assert_eq(posix_memalign(&p, 4096, bytes), 0);
+    return p;
+}
+
 static uint8_t pattern(int slot, size_t i)
 {
     return (uint8_t)(slot * 31 + i * 7 + (i >> 9));
@@ -82,8 +90,8 @@ static uint8_t pattern(int slot, size_t i)
 Test(kvs_spill, blocks_round_trip_at_full_depth)
 {
     cr_assert_eq(kvs_spill_open(&sp, path, SLOTS, BLOCK, true, 32), 0);
-    uint8_t *out = aligned_alloc(4096, (size_t)SLOTS * BLOCK);
-    uint8_t *in = aligned_alloc(4096, (size_t)SLOTS * BLOCK);
+    uint8_t *out = page_alloc((size_t)SLOTS * BLOCK);
+    uint8_t *in = page_alloc((size_t)SLOTS * BLOCK);
     for (int s = 0; s < SLOTS; s++)
         for (size_t i = 0; i < BLOCK; i++)
             out[(size_t)s * BLOCK + i] = pattern(s, i);
@@ -112,7 +120,7 @@ Test(kvs_spill, direct_io_refused_in_flight_falls_back_without_losing_io)
     bool direct_at_open = sp.direct;
     /* buffers one byte off alignment: O_DIRECT answers EINVAL for every one of the 64 I/Os in
      * flight at once, after the open and its probe succeeded */
-    uint8_t *base = aligned_alloc(4096, (size_t)SLOTS * (BLOCK + 8) + 4096);
+    uint8_t *base = page_alloc((size_t)SLOTS * (BLOCK + 8) + 4096);
     uint8_t *bufs = base + 1;
     size_t stride = BLOCK + 8;
     for (int s = 0; s < SLOTS; s++)
@@ -142,7 +150,7 @@ Test(kvs_spill, read_past_a_truncated_file_is_an_error)
 {
     cr_assert_eq(kvs_spill_open(&sp, path, SLOTS, BLOCK, true, 32), 0);
     cr_assert_eq(truncate(path, KVS_SPILL_HEADER_BYTES), 0); /* someone cut the file */
-    uint8_t *buf = aligned_alloc(4096, BLOCK);
+    uint8_t *buf = page_alloc(BLOCK);
     struct kvs_io *io = kvs_spill_prep(&sp, KVS_IO_READ, buf, 9);
     cr_assert_not_null(io);
     cr_assert_eq(kvs_spill_submit(&sp), 0);
