@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ckv_clock.h"
+
 static int blocks_of(int tokens)
 {
     return (tokens + CKV_BLOCK_TOKENS - 1) / CKV_BLOCK_TOKENS;
@@ -102,8 +104,10 @@ int ckv_sparse_add_head(ckv_ctx_t *ctx, struct ckv_sparse_layout *l, int h, cons
         const char *kc = (const char *)k + (size_t)sinks * token_stride * ckv_dtype_size(dtype);
         struct ckv_kmeans_out o = {centroids + (size_t)c0 * head_dim, l->sizes + c0,
                                    l->member_offsets + c0, l->members + m0};
+        uint64_t t0 = ckv_now_ns();
         rc = ckv_kmeans(ctx, kc, dtype, n_clu, head_dim, token_stride, sinks, params, &o, &nc,
-                        NULL);
+                        &l->last_kmeans_iters);
+        l->last_kmeans_ms = (double)(ckv_now_ns() - t0) * 1e-6;
         /* kmeans wrote offsets relative to the head's first member: make them global */
         for (int c = 0; rc == 0 && c <= nc; c++)
             l->member_offsets[c0 + c] += m0;

@@ -34,6 +34,8 @@ struct ckv_sparse_layout {
     int32_t *sink_slot, *n_sink;     /* (n_kv_heads) first slot, tokens */
     int32_t *window_slot, *n_window; /* (n_kv_heads) first slot, tokens */
     int32_t next_slot;      /* first unused slot of the pool */
+    double last_kmeans_ms;  /* wall time of the last ckv_sparse_add_head's k-means */
+    int last_kmeans_iters;  /* its iterations */
 };
 
 /* Allocates the host arrays for n_kv_heads heads, at most cap_clusters clusters and

@@ -41,9 +41,11 @@ struct attn_state {
 
 /* Up to ATTN_TILE keys of one tile, as contiguous runs of rows. */
 struct attn_seg {
-    const void *k, *v; /* first K and V row of the run */
-    size_t ld;         /* elements between rows */
-    int n;             /* rows */
+    const void *k, *v;   /* first K and V row of the run */
+    size_t ld;           /* elements between rows */
+    int n;               /* rows */
+    const void *pk, *pv; /* NULL, or rows laid out alike to prefetch meanwhile (the next
+                            tile's): memory stays busy while this tile computes */
 };
 
 static size_t attn_state_bytes(int R, int d)
@@ -92,7 +94,7 @@ static void attn_tile(const struct cpu_simd *simd, struct attn_state *st,
     int T = 0;
     for (int i = 0; i < nseg; i++) {
         simd->gemm_nt(R, seg[i].n, d, st->q, (size_t)d, seg[i].k, dt, seg[i].ld, st->s + T,
-                      ATTN_TILE);
+                      ATTN_TILE, seg[i].pk);
         T += seg[i].n;
     }
     for (int r = 0; r < R; r++) {
@@ -120,7 +122,7 @@ static void attn_tile(const struct cpu_simd *simd, struct attn_state *st,
     T = 0;
     for (int i = 0; i < nseg; i++) {
         simd->gemm_pv(R, seg[i].n, d, st->s + T, ATTN_TILE, seg[i].v, dt, seg[i].ld, st->acc,
-                      (size_t)d, i == 0 ? st->corr : NULL);
+                      (size_t)d, i == 0 ? st->corr : NULL, seg[i].pv);
         T += seg[i].n;
     }
 }
@@ -183,13 +185,14 @@ static void attn_merge_row(const float *first, size_t part_stride, int n_parts, 
         *lse = L > 0.0f ? M + logf(L) : -INFINITY;
 }
 
-/* Parts per unit so that units * parts keeps every thread busy (about 4 items per thread),
- * none shorter than ATTN_MIN_PART tokens. */
+/* Parts per unit so that units * parts gives about 8 items per thread, none shorter than
+ * ATTN_MIN_PART tokens: small items balance the threads, and on a shared machine a worker
+ * descheduled in the middle of an item holds up the call by one small item only. */
 static int attn_parts(int n_threads, int n_units, int64_t tokens)
 {
     if (n_threads <= 1)
         return 1;
-    int want = (4 * n_threads + n_units - 1) / n_units;
+    int want = (8 * n_threads + n_units - 1) / n_units;
     int64_t most = (tokens + ATTN_MIN_PART - 1) / ATTN_MIN_PART;
     int parts = want < most ? want : (int)most;
     return parts < 1 ? 1 : parts;
@@ -227,10 +230,13 @@ static void full_task(void *arg, int task, int tid)
     int t1 = t0 + j->chunk < a->n_ctx ? t0 + j->chunk : a->n_ctx;
     const char *kh = (const char *)a->k + (size_t)h * a->head_stride * esz;
     const char *vh = (const char *)a->v + (size_t)h * a->head_stride * esz;
+    const size_t sb = a->token_stride * esz;
     for (int t = t0; t < t1; t += ATTN_TILE) {
-        struct attn_seg seg = {kh + (size_t)t * a->token_stride * esz,
-                               vh + (size_t)t * a->token_stride * esz, a->token_stride,
-                               t1 - t < ATTN_TILE ? t1 - t : ATTN_TILE};
+        int tn = t + ATTN_TILE; /* prefetch the next tile's rows (past t1: harmless hint) */
+        struct attn_seg seg = {kh + (size_t)t * sb, vh + (size_t)t * sb, a->token_stride,
+                               t1 - t < ATTN_TILE ? t1 - t : ATTN_TILE,
+                               tn < t1 ? kh + (size_t)tn * sb : NULL,
+                               tn < t1 ? vh + (size_t)tn * sb : NULL};
         attn_tile(j->cb->simd, &st, &seg, 1, a->dtype, NULL);
     }
     if (j->parts == 1) {
@@ -305,11 +311,16 @@ static void blocks_task(void *arg, int task, int tid)
     for (int b = b0; b < b1; b++) {
         const struct ckv_block_ref *ref = &a->refs[b];
         const char *blk = (const char *)a->pool + (size_t)ref->slot * j->block_bytes;
+        /* prefetch the block about one tile ahead while this one computes */
+        const char *nb = b + 4 < b1 ? (const char *)a->pool + (size_t)a->refs[b + 4].slot *
+                                                                j->block_bytes
+                                    : NULL;
         if (tokens + ref->n_tokens > ATTN_TILE || nseg == ATTN_MAX_SEGS) {
             attn_tile(j->cb->simd, &st, seg, nseg, a->dtype, NULL);
             nseg = tokens = 0;
         }
-        seg[nseg++] = (struct attn_seg){blk, blk + j->v_offset, (size_t)d, ref->n_tokens};
+        seg[nseg++] = (struct attn_seg){blk, blk + j->v_offset, (size_t)d, ref->n_tokens, nb,
+                                        nb ? nb + j->v_offset : NULL};
         tokens += ref->n_tokens;
     }
     if (nseg)
@@ -418,7 +429,8 @@ static void prefill_task(void *arg, int task, int tid)
             vp = valid;
         }
         struct attn_seg seg = {kh + (size_t)t * a->token_stride * esz,
-                               vh + (size_t)t * a->token_stride * esz, a->token_stride, n};
+                               vh + (size_t)t * a->token_stride * esz, a->token_stride, n, NULL,
+                               NULL};
         attn_tile(j->cb->simd, &st, &seg, 1, a->dtype, vp);
     }
     for (int jl = 0; jl < n_tok; jl++)

@@ -210,7 +210,7 @@ static void task_assign(void *arg, int task, int tid)
     for (int b = i0; b < i1; b += k->assign_rows) {
         int rows = i1 - b < k->assign_rows ? i1 - b : k->assign_rows;
         k->cb->simd->gemm_nt(rows, k->C, k->d, k->X + (size_t)b * k->d, (size_t)k->d, k->U,
-                             CKV_DTYPE_F32, (size_t)k->d, sim, (size_t)k->C);
+                             CKV_DTYPE_F32, (size_t)k->d, sim, (size_t)k->C, NULL);
         for (int r = 0; r < rows; r++) {
             int best = k->cb->simd->argmax(sim + (size_t)r * k->C, k->C);
             if (best != k->label[b + r]) {
@@ -307,7 +307,7 @@ int cpu_kmeans(struct ckv_ctx *ctx, const void *keys, enum ckv_dtype dtype, int 
         k.cur = c;
         const float *uc = k.U + (size_t)c * head_dim;
         cb->simd->gemm_nt(1, c, head_dim, uc, (size_t)head_dim, k.U, CKV_DTYPE_F32,
-                          (size_t)head_dim, k.cc, (size_t)c);
+                          (size_t)head_dim, k.cc, (size_t)c, NULL);
         for (int j = 0; j < c; j++)
             k.cc[j] = 2.0f - 2.0f * k.cc[j];
         cpu_pool_run(cb->pool, k.n_chunks, task_init_update, &k);

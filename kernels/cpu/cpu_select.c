@@ -127,9 +127,10 @@ static void sel_task(void *arg, int u, int tid)
     int32_t *sel = a->sel_clusters + (size_t)u * a->max_selected;
     int count = 0, last = 0;
     if (nc > 0) {
+        /* centroids are cold (one read per step and layer): prefetch 16 rows ahead */
         j->cb->simd->gemm_nt(n_rows, nc, d, a->q + (size_t)row0 * d, (size_t)d,
                              a->centroids + (size_t)c0 * d, CKV_DTYPE_F32, (size_t)d, s,
-                             (size_t)nc);
+                             (size_t)nc, a->centroids + (size_t)(c0 + 16) * d);
         fold_rows(a->mode, s, n_rows, nc);
         if (a->scores)
             memcpy(a->scores + (size_t)u * a->n_clusters_total + c0, s,
@@ -365,7 +366,7 @@ static void oracle_task(void *arg, int h, int tid)
     float *s = (float *)(mem + cpu_align64((size_t)j->n_ctx * sizeof(uint64_t)));
     const char *kh = (const char *)j->k + (size_t)h * j->head_stride * ckv_dtype_size(j->dtype);
     j->cb->simd->gemm_nt(j->G, j->n_ctx, j->d, j->q + (size_t)h * j->G * j->d, (size_t)j->d, kh,
-                         j->dtype, j->token_stride, s, (size_t)j->n_ctx);
+                         j->dtype, j->token_stride, s, (size_t)j->n_ctx, NULL);
     for (int g = 0; g < j->G; g++) {
         const float *sg = s + (size_t)g * j->n_ctx;
         for (int t = 0; t < j->n_ctx; t++)

@@ -37,9 +37,9 @@ ALWAYS_INLINE __m256 reduce8(__m256 a[8])
 }
 
 ALWAYS_INLINE void gemm_nt_impl(int m, int n, int d, const float *a, size_t lda, const void *b,
-                                int f16, size_t ldb, float *c, size_t ldc)
+                                int f16, size_t ldb, float *c, size_t ldc, const void *pf)
 {
-    size_t bstride = ldb * (f16 ? 2 : 4);
+    size_t bstride = ldb * (f16 ? 2 : 4), row_bytes = (size_t)d * (f16 ? 2 : 4);
     int d8 = d & ~7;
     for (int i = 0; i < m; i += 2) {
         const float *ar[2];
@@ -50,6 +50,9 @@ ALWAYS_INLINE void gemm_nt_impl(int m, int n, int d, const float *a, size_t lda,
             const void *br[4];
             for (int q = 0; q < 4; q++)
                 br[q] = (const char *)b + (size_t)(j + q < n ? j + q : n - 1) * bstride;
+            if (pf && i == 0)
+                for (int q = 0; q < 4 && j + q < n; q++)
+                    cpu_prefetch_row(pf, bstride, j + q, row_bytes);
             __m256 acc[8];
             for (int t = 0; t < 8; t++)
                 acc[t] = _mm256_setzero_ps();
@@ -76,14 +79,14 @@ ALWAYS_INLINE void gemm_nt_impl(int m, int n, int d, const float *a, size_t lda,
 }
 
 static void gemm_nt_avx2(int m, int n, int d, const float *a, size_t lda, const void *b,
-                         enum ckv_dtype bdt, size_t ldb, float *c, size_t ldc)
+                         enum ckv_dtype bdt, size_t ldb, float *c, size_t ldc, const void *pf)
 {
     if (m <= 0 || n <= 0)
         return;
     if (bdt == CKV_DTYPE_F16)
-        gemm_nt_impl(m, n, d, a, lda, b, 1, ldb, c, ldc);
+        gemm_nt_impl(m, n, d, a, lda, b, 1, ldb, c, ldc, pf);
     else
-        gemm_nt_impl(m, n, d, a, lda, b, 0, ldb, c, ldc);
+        gemm_nt_impl(m, n, d, a, lda, b, 0, ldb, c, ldc, pf);
 }
 
 /* 8 gathered rows at a time through the hadd tree; dims past a multiple of 8 in scalar. */
@@ -126,7 +129,7 @@ static void dots_idx_avx2(const float *q, const void *rows, enum ckv_dtype rdt, 
 /* MR rows x NCH 8-lane chunks of acc from dims off: acc = acc * corr + P V. */
 ALWAYS_INLINE void pv_kernel(int MR, int NCH, int n, int off, const float *p, size_t ldp,
                              const void *v, int f16, size_t vstride, float *acc, size_t ldacc,
-                             const float *corr)
+                             const float *corr, const void *pf, size_t row_bytes)
 {
     __m256 r[2][4];
     for (int i = 0; i < MR; i++) {
@@ -137,6 +140,8 @@ ALWAYS_INLINE void pv_kernel(int MR, int NCH, int n, int off, const float *p, si
     const char *vp = (const char *)v;
     for (int j = 0; j < n; j++, vp += vstride) {
         __m256 vv[4];
+        if (pf)
+            cpu_prefetch_row(pf, vstride, j, row_bytes);
         for (int c = 0; c < NCH; c++)
             vv[c] = load_row8(vp, f16, off + 8 * c);
         for (int i = 0; i < MR; i++) {
@@ -152,17 +157,18 @@ ALWAYS_INLINE void pv_kernel(int MR, int NCH, int n, int off, const float *p, si
 
 #define PV_CASE(MR, NCH)                                                                           \
     case (MR) * 8 + (NCH):                                                                         \
-        pv_kernel(MR, NCH, n, off, p, ldp, v, f16, vstride, acc, ldacc, corr);                    \
+        pv_kernel(MR, NCH, n, off, p, ldp, v, f16, vstride, acc, ldacc, corr, pf, row_bytes);     \
         break
 
 ALWAYS_INLINE void gemm_pv_impl(int m, int n, int d, const float *p, size_t ldp, const void *v,
-                                int f16, size_t ldv, float *acc, size_t ldacc, const float *corr)
+                                int f16, size_t ldv, float *acc, size_t ldacc, const float *corr,
+                                const void *pf)
 {
-    size_t vstride = ldv * (f16 ? 2 : 4);
+    size_t vstride = ldv * (f16 ? 2 : 4), row_bytes = (size_t)d * (f16 ? 2 : 4);
     int d8 = d & ~7;
     for (int i = 0; i < m; i += 2) {
         int mr = m - i < 2 ? m - i : 2;
-        for (int off = 0; off < d8; off += 32) {
+        for (int off = 0; off < d8; off += 32, pf = NULL) { /* prefetch in the first pass */
             int nch = (d8 - off) / 8;
             if (nch > 4)
                 nch = 4;
@@ -191,14 +197,14 @@ ALWAYS_INLINE void gemm_pv_impl(int m, int n, int d, const float *p, size_t ldp,
 
 static void gemm_pv_avx2(int m, int n, int d, const float *p, size_t ldp, const void *v,
                          enum ckv_dtype vdt, size_t ldv, float *acc, size_t ldacc,
-                         const float *corr)
+                         const float *corr, const void *pf)
 {
     if (m <= 0)
         return;
     if (vdt == CKV_DTYPE_F16)
-        gemm_pv_impl(m, n, d, p, ldp, v, 1, ldv, acc, ldacc, corr);
+        gemm_pv_impl(m, n, d, p, ldp, v, 1, ldv, acc, ldacc, corr, pf);
     else
-        gemm_pv_impl(m, n, d, p, ldp, v, 0, ldv, acc, ldacc, corr);
+        gemm_pv_impl(m, n, d, p, ldp, v, 0, ldv, acc, ldacc, corr, pf);
 }
 
 /* exp(x): Cody-Waite reduction, Cephes' polynomial, 2^n built in the exponent field; inputs

@@ -71,8 +71,10 @@ ALWAYS_INLINE __m512 nt_block(int MR, int NR, const float *const ar[], const voi
 
 /* Rows [i, i + MR) of c against every b row, in blocks of NR columns. */
 ALWAYS_INLINE void nt_rows(int MR, int NR, int i, int m, int n, int d, const float *a, size_t lda,
-                           const void *b, int f16, size_t bstride, float *c, size_t ldc)
+                           const void *b, int f16, size_t bstride, float *c, size_t ldc,
+                           const void *pf)
 {
+    size_t row_bytes = (size_t)d * (f16 ? 2 : 4);
     const float *ar[4];
     for (int r = 0; r < MR; r++) /* rows past m repeat the last one; not stored */
         ar[r] = a + (size_t)(i + r < m ? i + r : m - 1) * lda;
@@ -81,6 +83,9 @@ ALWAYS_INLINE void nt_rows(int MR, int NR, int i, int m, int n, int d, const flo
         const void *br[16];
         for (int q = 0; q < NR; q++)
             br[q] = (const char *)b + (size_t)(j + q < n ? j + q : n - 1) * bstride;
+        if (pf) /* the rows of the next tile, as this block's are consumed */
+            for (int q = 0; q < NR && j + q < n; q++)
+                cpu_prefetch_row(pf, bstride, j + q, row_bytes);
         __m512 s = nt_block(MR, NR, ar, br, f16, d);
         float *cb = c + (size_t)i * ldc + j;
         if (mi == MR && n - j >= NR) {
@@ -109,29 +114,30 @@ ALWAYS_INLINE void nt_rows(int MR, int NR, int i, int m, int n, int d, const flo
 /* 4 x 4 blocks while 4 rows are left, then 2 x 8 and 1 x 16 (so a product with one or two
  * query rows, MHA decode or a k-means++ update, does not compute 4 rows). */
 ALWAYS_INLINE void gemm_nt_impl(int m, int n, int d, const float *a, size_t lda, const void *b,
-                                int f16, size_t ldb, float *c, size_t ldc)
+                                int f16, size_t ldb, float *c, size_t ldc, const void *pf)
 {
     size_t bstride = ldb * (f16 ? 2 : 4);
     int i = 0;
-    for (; i + 4 <= m; i += 4)
-        nt_rows(4, 4, i, m, n, d, a, lda, b, f16, bstride, c, ldc);
+    for (; i + 4 <= m; i += 4, pf = NULL) /* prefetch during the first pass only */
+        nt_rows(4, 4, i, m, n, d, a, lda, b, f16, bstride, c, ldc, pf);
     if (m - i >= 2) {
-        nt_rows(2, 8, i, m, n, d, a, lda, b, f16, bstride, c, ldc);
+        nt_rows(2, 8, i, m, n, d, a, lda, b, f16, bstride, c, ldc, pf);
         i += 2;
+        pf = NULL;
     }
     if (m - i == 1)
-        nt_rows(1, 16, i, m, n, d, a, lda, b, f16, bstride, c, ldc);
+        nt_rows(1, 16, i, m, n, d, a, lda, b, f16, bstride, c, ldc, pf);
 }
 
 static void gemm_nt_avx512(int m, int n, int d, const float *a, size_t lda, const void *b,
-                           enum ckv_dtype bdt, size_t ldb, float *c, size_t ldc)
+                           enum ckv_dtype bdt, size_t ldb, float *c, size_t ldc, const void *pf)
 {
     if (m <= 0 || n <= 0)
         return;
     if (bdt == CKV_DTYPE_F16)
-        gemm_nt_impl(m, n, d, a, lda, b, 1, ldb, c, ldc);
+        gemm_nt_impl(m, n, d, a, lda, b, 1, ldb, c, ldc, pf);
     else
-        gemm_nt_impl(m, n, d, a, lda, b, 0, ldb, c, ldc);
+        gemm_nt_impl(m, n, d, a, lda, b, 0, ldb, c, ldc, pf);
 }
 
 /* 16 gathered rows at a time through the same reduction tree. */
@@ -169,8 +175,9 @@ static void dots_idx_avx512(const float *q, const void *rows, enum ckv_dtype rdt
 /* MR rows x NCH 16-lane chunks of acc, from dims off: acc = acc * corr + P V. */
 ALWAYS_INLINE void pv_kernel(int MR, int NCH, int n, int off, int d, const float *p, size_t ldp,
                              const void *v, int f16, size_t vstride, float *acc, size_t ldacc,
-                             const float *corr)
+                             const float *corr, const void *pf)
 {
+    size_t row_bytes = (size_t)d * (f16 ? 2 : 4);
     __mmask16 k[4];
     __m512 r[4][4];
     for (int c = 0; c < NCH; c++)
@@ -184,6 +191,8 @@ ALWAYS_INLINE void pv_kernel(int MR, int NCH, int n, int off, int d, const float
     const char *vp = (const char *)v;
     for (int j = 0; j < n; j++, vp += vstride) {
         __m512 vv[4];
+        if (pf)
+            cpu_prefetch_row(pf, vstride, j, row_bytes);
         for (int c = 0; c < NCH; c++)
             vv[c] = load_row16(vp, f16, off + 16 * c, k[c]);
         for (int i = 0; i < MR; i++) {
@@ -199,16 +208,17 @@ ALWAYS_INLINE void pv_kernel(int MR, int NCH, int n, int off, int d, const float
 
 #define PV_CASE(MR, NCH)                                                                           \
     case (MR) * 8 + (NCH):                                                                         \
-        pv_kernel(MR, NCH, n, off, d, p, ldp, v, f16, vstride, acc, ldacc, corr);                 \
+        pv_kernel(MR, NCH, n, off, d, p, ldp, v, f16, vstride, acc, ldacc, corr, pf);             \
         break
 
 ALWAYS_INLINE void gemm_pv_impl(int m, int n, int d, const float *p, size_t ldp, const void *v,
-                                int f16, size_t ldv, float *acc, size_t ldacc, const float *corr)
+                                int f16, size_t ldv, float *acc, size_t ldacc, const float *corr,
+                                const void *pf)
 {
     size_t vstride = ldv * (f16 ? 2 : 4);
     for (int i = 0; i < m; i += 4) {
         int mr = m - i < 4 ? m - i : 4;
-        for (int off = 0; off < d; off += 64) {
+        for (int off = 0; off < d; off += 64, pf = NULL) { /* prefetch in the first pass */
             int nch = (d - off + 15) / 16;
             if (nch > 4)
                 nch = 4;
@@ -228,14 +238,14 @@ ALWAYS_INLINE void gemm_pv_impl(int m, int n, int d, const float *p, size_t ldp,
 
 static void gemm_pv_avx512(int m, int n, int d, const float *p, size_t ldp, const void *v,
                            enum ckv_dtype vdt, size_t ldv, float *acc, size_t ldacc,
-                           const float *corr)
+                           const float *corr, const void *pf)
 {
     if (m <= 0)
         return;
     if (vdt == CKV_DTYPE_F16)
-        gemm_pv_impl(m, n, d, p, ldp, v, 1, ldv, acc, ldacc, corr);
+        gemm_pv_impl(m, n, d, p, ldp, v, 1, ldv, acc, ldacc, corr, pf);
     else
-        gemm_pv_impl(m, n, d, p, ldp, v, 0, ldv, acc, ldacc, corr);
+        gemm_pv_impl(m, n, d, p, ldp, v, 0, ldv, acc, ldacc, corr, pf);
 }
 
 /* exp(x) for a vector: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, Cephes' degree-7

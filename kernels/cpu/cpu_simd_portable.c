@@ -15,11 +15,13 @@ static inline float elem(const void *row, enum ckv_dtype dt, int i)
 }
 
 static void gemm_nt_portable(int m, int n, int d, const float *a, size_t lda, const void *b,
-                             enum ckv_dtype bdt, size_t ldb, float *c, size_t ldc)
+                             enum ckv_dtype bdt, size_t ldb, float *c, size_t ldc, const void *pf)
 {
     size_t esz = ckv_dtype_size(bdt);
     float brow[CKV_MAX_HEAD_DIM];
     for (int j = 0; j < n; j++) {
+        if (pf)
+            cpu_prefetch_row(pf, ldb * esz, j, (size_t)d * esz);
         const char *bj = (const char *)b + (size_t)j * ldb * esz;
         for (int t = 0; t < d; t++)
             brow[t] = elem(bj, bdt, t);
@@ -46,12 +48,12 @@ static void dots_idx_portable(const float *q, const void *rows, enum ckv_dtype r
     size_t esz = ckv_dtype_size(rdt);
     for (int i = 0; i < m; i++)
         gemm_nt_portable(1, 1, d, q, (size_t)d, (const char *)rows + (size_t)idx[i] * ld * esz,
-                         rdt, ld, out + i, 1);
+                         rdt, ld, out + i, 1, NULL);
 }
 
 static void gemm_pv_portable(int m, int n, int d, const float *p, size_t ldp, const void *v,
                              enum ckv_dtype vdt, size_t ldv, float *acc, size_t ldacc,
-                             const float *corr)
+                             const float *corr, const void *pf)
 {
     size_t esz = ckv_dtype_size(vdt);
     float vrow[CKV_MAX_HEAD_DIM];
@@ -61,6 +63,8 @@ static void gemm_pv_portable(int m, int n, int d, const float *p, size_t ldp, co
                 acc[(size_t)i * ldacc + t] *= corr[i];
     for (int j = 0; j < n; j++) {
         const char *vj = (const char *)v + (size_t)j * ldv * esz;
+        if (pf)
+            cpu_prefetch_row(pf, ldv * esz, j, (size_t)d * esz);
         for (int t = 0; t < d; t++)
             vrow[t] = elem(vj, vdt, t);
         for (int i = 0; i < m; i++) {
