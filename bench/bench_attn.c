@@ -15,10 +15,10 @@
  * as after prefill: 16 sink tokens, ceil((n - 16 - 320) / 80) clusters per KV head by
  * ckv_kmeans (timed per head), a full 320-token window, all packed into 16-token blocks; then
  * per decode step ckv_select_clusters + ckv_sparse_lists + ckv_attn_decode_blocks, per KV
- * head (max over the group, the project's default) and per query head (the authors'). Before
- * every timed call a 64 MiB buffer is written, so K/V, centroids and blocks come from DRAM
- * as they would after the other layers ran. Figures are medians over --reps calls, each
- * call a different decode step's queries.
+ * head (max over the group) and per query head (the authors'). Before every timed call the
+ * context's threads copy 64 MiB (see flush_caches), so K/V, centroids and blocks come from
+ * DRAM as they would after the other layers ran, with the workers awake as in a decode step.
+ * Figures are medians over --reps calls, each call a different decode step's queries.
  */
 #include <errno.h>
 #include <math.h>
@@ -105,13 +105,20 @@ static double median(double *x, int n)
 
 /* ---- memory bandwidth of this machine, now ---- */
 
-static char *flush_buf;
+static char *flush_buf; /* 2 x 64 MiB */
+static ckv_ctx_t *flush_ctx;
 
-/* Writes 64 MiB (more than the L3) so that the next call starts from DRAM. */
+/* Evicts the caches before a timed call so that it starts from DRAM, as after the other
+ * layers of a decode step: a 64 MiB copy (more than the L3) run by the context's own threads,
+ * so that, as in a decode step where kernels run back to back, its workers are awake when
+ * the timed call starts (a worker asleep on this VM takes 0.05-0.3 ms to wake up). */
 static void flush_caches(void)
 {
-    for (size_t i = 0; i < FLUSH_BYTES; i += 64)
-        flush_buf[i]++;
+    flush_buf[0]++;
+    if (ckv_convert(flush_ctx, flush_buf + FLUSH_BYTES, CKV_DTYPE_F32, flush_buf, CKV_DTYPE_F32,
+                    FLUSH_BYTES / sizeof(float)) != 0)
+        for (size_t i = 0; i < FLUSH_BYTES; i += 64) /* not expected: flush by hand */
+            flush_buf[i]++;
 }
 
 struct bw_job {
@@ -170,7 +177,7 @@ static double bandwidth(char *dst, const char *src, size_t bytes, int n_threads,
 struct budget_row {
     int budget;
     double ckv_ms_kv, ckv_ms_q;   /* per KV head (max), per query head */
-    double sel_ms_kv, attn_ms_kv; /* the KV-head figure split: score+select+lists, attention */
+    double sel_ms_kv;             /* of the KV-head figure: score + select + block lists */
     double tokens_kv, tokens_q;   /* tokens attended per unit (mean) */
 };
 
@@ -182,58 +189,69 @@ struct ctx_row {
     struct budget_row b[MAX_BUDGETS];
 };
 
-/* Times ClusterKV decode steps (select + lists + blocks) for one budget and mode. */
-static int time_clusterkv(ckv_ctx_t *ctx, const struct bench_cfg *cfg, const struct ckv_qkv *qkv,
-                          const struct ckv_sparse_layout *l, const float *cen, const void *pool,
-                          int budget, enum ckv_select_mode mode, double *total_ms,
-                          double *sel_ms, double *attn_ms, double *tokens)
+/* One ClusterKV configuration (budget, GQA mode) with its buffers, timed step by step. */
+struct ckv_runner {
+    enum ckv_select_mode mode;
+    int budget, n_units, max_sel, refs_cap;
+    int32_t *sel, cnt[NQ], last[NQ], offs[NQ + 1];
+    struct ckv_block_ref *refs;
+    double *t_total, *t_sel; /* (reps) ms */
+    long tokens;
+};
+
+static int runner_init(struct ckv_runner *x, const struct bench_cfg *cfg,
+                       const struct ckv_sparse_layout *l, int budget, enum ckv_select_mode mode)
 {
-    const int G = NQ / NKV, n_units = mode == CKV_SELECT_PER_QHEAD ? NQ : NKV;
+    memset(x, 0, sizeof(*x));
+    x->mode = mode;
+    x->budget = budget;
+    x->n_units = mode == CKV_SELECT_PER_QHEAD ? NQ : NKV;
     int max_head = 0;
     for (int h = 0; h < NKV; h++)
         max_head = CKV_MAX(max_head, l->head_offsets[h + 1] - l->head_offsets[h]);
-    int max_sel = CKV_MAX(1, CKV_MIN(budget, max_head));
-    int refs_cap = n_units * (budget / 16 + max_sel + (cfg->sinks + cfg->window) / 16 + 4);
-    int32_t *sel = malloc(sizeof(int32_t) * n_units * max_sel), cnt[NQ], last[NQ], offs[NQ + 1];
-    struct ckv_block_ref *refs = malloc(sizeof(*refs) * refs_cap);
+    x->max_sel = CKV_MAX(1, CKV_MIN(budget, max_head));
+    x->refs_cap = x->n_units * (budget / 16 + x->max_sel + (cfg->sinks + cfg->window) / 16 + 4);
+    x->sel = malloc(sizeof(int32_t) * x->n_units * x->max_sel);
+    x->refs = malloc(sizeof(*x->refs) * x->refs_cap);
+    x->t_total = malloc(sizeof(double) * cfg->reps);
+    x->t_sel = malloc(sizeof(double) * cfg->reps);
+    return x->sel && x->refs && x->t_total && x->t_sel ? 0 : -ENOMEM;
+}
+
+static void runner_free(struct ckv_runner *x)
+{
+    free(x->sel), free(x->refs), free(x->t_total), free(x->t_sel);
+}
+
+/* One decode step as the engine runs it: score + select, block lists, block attention. */
+static int runner_step(struct ckv_runner *x, ckv_ctx_t *ctx, const struct ckv_sparse_layout *l,
+                       const float *cen, const void *pool, enum ckv_dtype dt, const float *q,
+                       int r)
+{
+    const int G = NQ / NKV;
     float out[NQ * HD];
-    double *t = malloc(sizeof(double) * cfg->reps * 3);
-    int rc = sel && refs && t ? 0 : -ENOMEM;
-    long tok = 0;
-    for (int r = 0; rc == 0 && r < cfg->reps; r++) {
-        const float *q = qkv->q + (size_t)(r % qkv->n_steps) * NQ * HD;
-        flush_caches();
-        uint64_t t0 = ckv_now_ns();
-        struct ckv_select_args sa = {
-            .n_q_heads = NQ, .n_kv_heads = NKV, .head_dim = HD, .mode = mode, .q = q,
-            .centroids = cen, .sizes = l->sizes, .head_offsets = l->head_offsets,
-            .n_clusters_total = l->n_clusters_total, .budget = budget, .max_selected = max_sel,
-            .sel_clusters = sel, .sel_count = cnt, .sel_last_take = last};
-        rc = ckv_select_clusters(ctx, &sa);
-        if (rc == 0)
-            rc = ckv_sparse_lists(l, mode, NQ, sel, cnt, last, max_sel, refs, refs_cap, offs);
-        uint64_t t1 = ckv_now_ns();
-        int hpl = mode == CKV_SELECT_PER_QHEAD ? 1 : G;
-        struct ckv_attn_blocks_args ba = {.n_q_heads = NQ, .head_dim = HD, .n_lists = NQ / hpl,
-                                          .heads_per_list = hpl, .q = q, .pool = pool,
-                                          .dtype = qkv->dtype, .refs = refs,
-                                          .list_offsets = offs, .out = out};
-        if (rc == 0)
-            rc = ckv_attn_decode_blocks(ctx, &ba);
-        uint64_t t2 = ckv_now_ns();
-        t[r] = (double)(t2 - t0) * 1e-6;
-        t[cfg->reps + r] = (double)(t1 - t0) * 1e-6;
-        t[2 * cfg->reps + r] = (double)(t2 - t1) * 1e-6;
-        for (int i = 0; rc == 0 && i < offs[n_units]; i++)
-            tok += refs[i].n_tokens;
-    }
-    if (rc == 0) {
-        *total_ms = median(t, cfg->reps);
-        *sel_ms = median(t + cfg->reps, cfg->reps);
-        *attn_ms = median(t + 2 * cfg->reps, cfg->reps);
-        *tokens = (double)tok / cfg->reps / n_units;
-    }
-    free(sel), free(refs), free(t);
+    uint64_t t0 = ckv_now_ns();
+    struct ckv_select_args sa = {
+        .n_q_heads = NQ, .n_kv_heads = NKV, .head_dim = HD, .mode = x->mode, .q = q,
+        .centroids = cen, .sizes = l->sizes, .head_offsets = l->head_offsets,
+        .n_clusters_total = l->n_clusters_total, .budget = x->budget, .max_selected = x->max_sel,
+        .sel_clusters = x->sel, .sel_count = x->cnt, .sel_last_take = x->last};
+    int rc = ckv_select_clusters(ctx, &sa);
+    if (rc == 0)
+        rc = ckv_sparse_lists(l, x->mode, NQ, x->sel, x->cnt, x->last, x->max_sel, x->refs,
+                              x->refs_cap, x->offs);
+    uint64_t t1 = ckv_now_ns();
+    int hpl = x->mode == CKV_SELECT_PER_QHEAD ? 1 : G;
+    struct ckv_attn_blocks_args ba = {.n_q_heads = NQ, .head_dim = HD, .n_lists = NQ / hpl,
+                                      .heads_per_list = hpl, .q = q, .pool = pool, .dtype = dt,
+                                      .refs = x->refs, .list_offsets = x->offs, .out = out};
+    if (rc == 0)
+        rc = ckv_attn_decode_blocks(ctx, &ba);
+    uint64_t t2 = ckv_now_ns();
+    x->t_total[r] = (double)(t2 - t0) * 1e-6;
+    x->t_sel[r] = (double)(t1 - t0) * 1e-6;
+    for (int i = 0; rc == 0 && i < x->offs[x->n_units]; i++)
+        x->tokens += x->refs[i].n_tokens;
     return rc;
 }
 
@@ -256,6 +274,8 @@ static int run_context(ckv_ctx_t *ctx, const struct bench_cfg *cfg, int n, const
     char *bw_a = NULL, *bw_b = NULL;
     float *cen = NULL;
     struct ckv_sparse_layout l = {0};
+    struct ckv_runner *runners = NULL;
+    int n_run = 0;
     double *t = malloc(sizeof(double) * cfg->reps);
     size_t bw_bytes = CKV_MAX(kv_bytes, (size_t)256 << 20);
     rc = t ? 0 : -ENOMEM;
@@ -287,24 +307,6 @@ static int run_context(ckv_ctx_t *ctx, const struct bench_cfg *cfg, int n, const
     free(bw_a), free(bw_b);
     bw_a = bw_b = NULL;
 
-    /* full attention */
-    float out[NQ * HD];
-    for (int r = 0; r < cfg->reps; r++) {
-        struct ckv_attn_full_args fa = {.n_q_heads = NQ, .n_kv_heads = NKV, .head_dim = HD,
-                                        .n_ctx = n, .q = qkv.q + (size_t)r * NQ * HD, .k = k,
-                                        .v = v, .dtype = qkv.dtype,
-                                        .head_stride = (size_t)n * HD, .token_stride = HD,
-                                        .out = out};
-        flush_caches();
-        uint64_t t0 = ckv_now_ns();
-        rc = ckv_attn_decode_full(ctx, &fa);
-        t[r] = (double)(ckv_now_ns() - t0) * 1e-6;
-        if (rc)
-            goto out;
-    }
-    row->full_ms = median(t, cfg->reps);
-    row->full_gbs = (double)kv_bytes / (row->full_ms * 1e-3) / 1e9;
-
     /* ClusterKV state after prefill */
     int clustered = CKV_MAX(0, n - cfg->sinks - cfg->window);
     int C = (clustered + cfg->tokens_per_cluster - 1) / cfg->tokens_per_cluster;
@@ -330,17 +332,49 @@ static int run_context(ckv_ctx_t *ctx, const struct bench_cfg *cfg, int n, const
     row->kmeans_ms = median(km, NKV);
     row->kmeans_iters = it / NKV;
     row->n_budgets = n_budgets;
-    for (int b = 0; rc == 0 && b < n_budgets; b++) {
+    n_run = 2 * n_budgets;
+    runners = calloc((size_t)n_run, sizeof(*runners));
+    rc = runners ? 0 : -ENOMEM;
+    for (int i = 0; rc == 0 && i < n_run; i++)
+        rc = runner_init(&runners[i], cfg, &l, budgets[i / 2],
+                         i % 2 ? CKV_SELECT_PER_QHEAD : CKV_SELECT_KVHEAD_MAX);
+
+    /* the timed calls, interleaved rep by rep so that full attention and every ClusterKV
+     * configuration see the same machine (other processes come and go) */
+    float out[NQ * HD];
+    for (int r = 0; rc == 0 && r < cfg->reps; r++) {
+        const float *q = qkv.q + (size_t)r * NQ * HD;
+        struct ckv_attn_full_args fa = {.n_q_heads = NQ, .n_kv_heads = NKV, .head_dim = HD,
+                                        .n_ctx = n, .q = q, .k = k, .v = v, .dtype = qkv.dtype,
+                                        .head_stride = (size_t)n * HD, .token_stride = HD,
+                                        .out = out};
+        flush_caches();
+        uint64_t t0 = ckv_now_ns();
+        rc = ckv_attn_decode_full(ctx, &fa);
+        t[r] = (double)(ckv_now_ns() - t0) * 1e-6;
+        for (int i = 0; rc == 0 && i < n_run; i++) {
+            flush_caches();
+            rc = runner_step(&runners[i], ctx, &l, cen, pool, qkv.dtype, q, r);
+        }
+    }
+    if (rc)
+        goto out;
+    row->full_ms = median(t, cfg->reps);
+    row->full_gbs = (double)kv_bytes / (row->full_ms * 1e-3) / 1e9;
+    for (int b = 0; b < n_budgets; b++) {
         struct budget_row *br = &row->b[b];
-        double s, a;
+        struct ckv_runner *kv = &runners[2 * b], *qh = &runners[2 * b + 1];
         br->budget = budgets[b];
-        rc = time_clusterkv(ctx, cfg, &qkv, &l, cen, pool, budgets[b], CKV_SELECT_KVHEAD_MAX,
-                            &br->ckv_ms_kv, &br->sel_ms_kv, &br->attn_ms_kv, &br->tokens_kv);
-        if (!rc)
-            rc = time_clusterkv(ctx, cfg, &qkv, &l, cen, pool, budgets[b], CKV_SELECT_PER_QHEAD,
-                                &br->ckv_ms_q, &s, &a, &br->tokens_q);
+        br->ckv_ms_kv = median(kv->t_total, cfg->reps);
+        br->sel_ms_kv = median(kv->t_sel, cfg->reps);
+        br->ckv_ms_q = median(qh->t_total, cfg->reps);
+        br->tokens_kv = (double)kv->tokens / cfg->reps / kv->n_units;
+        br->tokens_q = (double)qh->tokens / cfg->reps / qh->n_units;
     }
 out:
+    for (int i = 0; runners && i < n_run; i++)
+        runner_free(&runners[i]);
+    free(runners);
     ckv_sparse_layout_free(&l);
     ckv_dev_free(ctx, cen);
     ckv_dev_free(ctx, pool);
@@ -426,11 +460,11 @@ static int write_json(const char *path, const struct ctx_row *rows, int n_rows,
             fprintf(f,
                     "%s\n      {\"budget\": %d, \"clusterkv_ms_kvhead\": %.4f, "
                     "\"speedup_kvhead\": %.3f, \"select_ms_kvhead\": %.4f, "
-                    "\"attn_ms_kvhead\": %.4f, \"tokens_per_unit_kvhead\": %.1f, "
+                    "\"tokens_per_unit_kvhead\": %.1f, "
                     "\"clusterkv_ms_qhead\": %.4f, \"speedup_qhead\": %.3f, "
                     "\"tokens_per_unit_qhead\": %.1f}",
                     b ? "," : "", br->budget, br->ckv_ms_kv, r->full_ms / br->ckv_ms_kv,
-                    br->sel_ms_kv, br->attn_ms_kv, br->tokens_kv, br->ckv_ms_q,
+                    br->sel_ms_kv, br->tokens_kv, br->ckv_ms_q,
                     r->full_ms / br->ckv_ms_q, br->tokens_q);
         }
         fprintf(f, "]}%s\n", i + 1 < n_rows ? "," : "");
@@ -476,7 +510,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "ckv-bench-attn: cpu context: %s\n", ckv_strerror(rc));
         return 1;
     }
-    flush_buf = calloc(1, FLUSH_BYTES);
+    flush_buf = calloc(2, FLUSH_BYTES);
+    flush_ctx = ctx;
     struct ctx_row rows[MAX_CONTEXTS];
     uint64_t t0 = ckv_now_ns();
     for (int i = 0; i < n_ctx && rc == 0; i++) {

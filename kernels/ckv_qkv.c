@@ -350,7 +350,8 @@ void ckv_qkv_synth_defaults(struct ckv_qkv_synth_params *p, int n_q_heads, int n
 {
     *p = (struct ckv_qkv_synth_params){
         .n_q_heads = n_q_heads, .n_kv_heads = n_kv_heads, .head_dim = head_dim,
-        .n_prompt = n_prompt, .n_steps = n_steps, .dtype = CKV_DTYPE_F16, .n_topics = 64,
+        .n_prompt = n_prompt, .n_steps = n_steps, .dtype = CKV_DTYPE_F16,
+        .n_topics = n_prompt / 256 < 16 ? 16 : n_prompt / 256 > 1024 ? 1024 : n_prompt / 256,
         .key_noise = 0.8f, .query_gain = 12.0f, .query_topics = 3, .group_share = 0.5f,
         .drift = 0.02f, .seed = 1};
 }

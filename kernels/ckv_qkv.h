@@ -75,7 +75,8 @@ struct ckv_qkv_synth_params {
     int n_q_heads, n_kv_heads, head_dim;
     int n_prompt, n_steps;
     enum ckv_dtype dtype;
-    int n_topics;         /* directions per KV head keys are drawn around; default 64 */
+    int n_topics;         /* directions per KV head keys are drawn around; default one per
+                             256 prompt tokens, at least 16, at most 1024 */
     float key_noise;      /* noise around the topic, relative to it; default 0.8 */
     float query_gain;     /* scaled score (logit) a query gives keys of its topics, split
                              over them as 1, 1/2, 1/3...: how peaked attention is; 12 */

@@ -67,6 +67,7 @@ struct eval_cfg {
     int n_prompt, steps, n_q_heads, n_kv_heads, head_dim;
     int sinks, window, tokens_per_cluster, window_clusters, kmeans_iter, hit_r, threads, seed;
     double query_gain, key_noise, group_share, drift;
+    int topics;
     int max_steps;
 };
 
@@ -89,6 +90,8 @@ static const struct ckv_config_opt eval_options[] = {
                 "synthetic: head dimension"),
     CKV_OPT_DOUBLE(struct eval_cfg, query_gain, "query-gain", "12", 0, 100,
                    "synthetic: logit of a query's topics (attention peakedness)"),
+    CKV_OPT_INT(struct eval_cfg, topics, "topics", "0", 0, 1 << 20,
+                "synthetic: key directions per KV head (0: one per 256 prompt tokens)"),
     CKV_OPT_DOUBLE(struct eval_cfg, key_noise, "key-noise", "0.8", 0, 10,
                    "synthetic: key noise around its topic"),
     CKV_OPT_DOUBLE(struct eval_cfg, group_share, "group-share", "0.5", 0, 1,
@@ -850,12 +853,15 @@ int ckv_cmd_eval_attn(int argc, char **argv)
         sp.key_noise = (float)cfg.key_noise;
         sp.group_share = (float)cfg.group_share;
         sp.drift = (float)cfg.drift;
+        if (cfg.topics > 0)
+            sp.n_topics = cfg.topics;
         struct ckv_qkv q;
         rc = ckv_qkv_synth(&sp, &q);
         if (rc == 0) {
-            snprintf(source, sizeof(source), "synthetic %d/%d heads, d %d, %d+%d tokens, seed %d",
+            snprintf(source, sizeof(source),
+                     "synthetic %d/%d heads, d %d, %d+%d tokens, %d topics, seed %d",
                      cfg.n_q_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_prompt, cfg.steps,
-                     cfg.seed);
+                     sp.n_topics, cfg.seed);
             rc = eval_layer(&cfg, ctx, &q, &res);
             ckv_qkv_free(&q);
         }
