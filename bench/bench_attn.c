@@ -15,9 +15,10 @@
  * as after prefill: 16 sink tokens, ceil((n - 16 - 320) / 80) clusters per KV head by
  * ckv_kmeans (timed per head), a full 320-token window, all packed into 16-token blocks; then
  * per decode step ckv_select_clusters + ckv_sparse_lists + ckv_attn_decode_blocks, per KV
- * head (max over the group) and per query head (the authors'). Before every timed call the
- * context's threads copy 64 MiB (see flush_caches), so K/V, centroids and blocks come from
- * DRAM as they would after the other layers ran, with the workers awake as in a decode step.
+ * head (max or sum over the group) and per query head (the authors'). Before every timed call
+ * the context's threads copy 64 MiB (see flush_caches), so K/V, centroids and blocks come
+ * from DRAM as they would after the other layers ran, with the workers awake as in a decode
+ * step.
  * Figures are medians over --reps calls, each call a different decode step's queries.
  */
 #include <errno.h>
@@ -45,8 +46,11 @@
 
 static const char *const isa_names[] = {"auto", "portable", "avx2", "avx512", NULL};
 
+static const char *const centroid_names[] = {"f32", "f16", NULL};
+
 struct bench_cfg {
     bool quick;
+    int centroid_f16;
     char json[512];
     char contexts[256];
     char budgets[256];
@@ -72,6 +76,8 @@ static const struct ckv_config_opt bench_options[] = {
                 "clustered tokens per cluster"),
     CKV_OPT_INT(struct bench_cfg, kmeans_iter, "kmeans-iter", "20", 1, 1000,
                 "k-means iterations at most"),
+    CKV_OPT_ENUM(struct bench_cfg, centroid_f16, "centroids", "f16", centroid_names,
+                 "selection reads f32 centroids or their f16 copy (same recall, half the bytes)"),
     CKV_OPT_END,
 };
 
@@ -146,38 +152,30 @@ static void *bw_thread(void *arg)
     return NULL;
 }
 
-/* Bytes per second of memcpy (bytes copied / s) or of reading, over n_threads threads. */
-static double bandwidth(char *dst, const char *src, size_t bytes, int n_threads, int read_only,
-                        int reps)
+/* Seconds of one memcpy (bytes copied) or one read pass over `bytes`, on n_threads threads. */
+static double bandwidth_once(char *dst, const char *src, size_t bytes, int n_threads,
+                             int read_only)
 {
-    double t[16];
     pthread_t th[64];
     struct bw_job jobs[64];
-    if (n_threads > 64)
-        n_threads = 64;
-    if (reps > 16)
-        reps = 16;
+    n_threads = CKV_MIN(n_threads, 64);
     size_t per = bytes / (size_t)n_threads & ~(size_t)63;
-    for (int r = 0; r < reps; r++) {
-        flush_caches();
-        uint64_t t0 = ckv_now_ns();
-        for (int i = 0; i < n_threads; i++) {
-            jobs[i] = (struct bw_job){dst + i * per, src + i * per, per, read_only, 0};
-            pthread_create(&th[i], NULL, bw_thread, &jobs[i]);
-        }
-        for (int i = 0; i < n_threads; i++)
-            pthread_join(th[i], NULL);
-        t[r] = (double)(ckv_now_ns() - t0) * 1e-9;
+    uint64_t t0 = ckv_now_ns();
+    for (int i = 0; i < n_threads; i++) {
+        jobs[i] = (struct bw_job){dst + i * per, src + i * per, per, read_only, 0};
+        pthread_create(&th[i], NULL, bw_thread, &jobs[i]);
     }
-    return (double)(per * n_threads) / median(t, reps);
+    for (int i = 0; i < n_threads; i++)
+        pthread_join(th[i], NULL);
+    return (double)(ckv_now_ns() - t0) * 1e-9;
 }
 
 /* ---- one context ---- */
 
 struct budget_row {
     int budget;
-    double ckv_ms_kv, ckv_ms_q;   /* per KV head (max), per query head */
-    double sel_ms_kv;             /* of the KV-head figure: score + select + block lists */
+    double ckv_ms_kv, ckv_ms_sum, ckv_ms_q; /* per KV head (max, sum), per query head */
+    double sel_ms_kv;             /* of the KV-head (max) figure: score + select + lists */
     double tokens_kv, tokens_q;   /* tokens attended per unit (mean) */
 };
 
@@ -225,8 +223,8 @@ static void runner_free(struct ckv_runner *x)
 
 /* One decode step as the engine runs it: score + select, block lists, block attention. */
 static int runner_step(struct ckv_runner *x, ckv_ctx_t *ctx, const struct ckv_sparse_layout *l,
-                       const float *cen, const void *pool, enum ckv_dtype dt, const float *q,
-                       int r)
+                       const float *cen, const uint16_t *cen16, const void *pool,
+                       enum ckv_dtype dt, const float *q, int r)
 {
     const int G = NQ / NKV;
     float out[NQ * HD];
@@ -235,7 +233,8 @@ static int runner_step(struct ckv_runner *x, ckv_ctx_t *ctx, const struct ckv_sp
         .n_q_heads = NQ, .n_kv_heads = NKV, .head_dim = HD, .mode = x->mode, .q = q,
         .centroids = cen, .sizes = l->sizes, .head_offsets = l->head_offsets,
         .n_clusters_total = l->n_clusters_total, .budget = x->budget, .max_selected = x->max_sel,
-        .sel_clusters = x->sel, .sel_count = x->cnt, .sel_last_take = x->last};
+        .sel_clusters = x->sel, .sel_count = x->cnt, .sel_last_take = x->last,
+        .centroids_f16 = cen16};
     int rc = ckv_select_clusters(ctx, &sa);
     if (rc == 0)
         rc = ckv_sparse_lists(l, x->mode, NQ, x->sel, x->cnt, x->last, x->max_sel, x->refs,
@@ -273,9 +272,11 @@ static int run_context(ckv_ctx_t *ctx, const struct bench_cfg *cfg, int n, const
     void *k = NULL, *v = NULL, *pool = NULL;
     char *bw_a = NULL, *bw_b = NULL;
     float *cen = NULL;
+    uint16_t *cen16 = NULL;
     struct ckv_sparse_layout l = {0};
     struct ckv_runner *runners = NULL;
     int n_run = 0;
+    double *t_cp = NULL, *t_rd = NULL;
     double *t = malloc(sizeof(double) * cfg->reps);
     size_t bw_bytes = CKV_MAX(kv_bytes, (size_t)256 << 20);
     rc = t ? 0 : -ENOMEM;
@@ -293,19 +294,17 @@ static int run_context(ckv_ctx_t *ctx, const struct bench_cfg *cfg, int n, const
     if (rc)
         goto out;
 
-    /* bandwidth references, same threads as the kernels */
+    /* bandwidth references (same thread count as the kernels), timed in the rep loop below */
     bw_a = malloc(bw_bytes);
     bw_b = malloc(bw_bytes);
-    if (!bw_a || !bw_b) {
+    t_cp = malloc(sizeof(double) * cfg->reps);
+    t_rd = malloc(sizeof(double) * cfg->reps);
+    if (!bw_a || !bw_b || !t_cp || !t_rd) {
         rc = -ENOMEM;
         goto out;
     }
     memset(bw_a, 1, bw_bytes);
     memset(bw_b, 2, bw_bytes);
-    row->memcpy_gbs = bandwidth(bw_b, bw_a, bw_bytes, ckv_ctx_n_threads(ctx), 0, 5) / 1e9;
-    row->read_gbs = bandwidth(NULL, bw_a, bw_bytes, ckv_ctx_n_threads(ctx), 1, 5) / 1e9;
-    free(bw_a), free(bw_b);
-    bw_a = bw_b = NULL;
 
     /* ClusterKV state after prefill */
     int clustered = CKV_MAX(0, n - cfg->sinks - cfg->window);
@@ -328,21 +327,36 @@ static int run_context(ckv_ctx_t *ctx, const struct bench_cfg *cfg, int n, const
     }
     if (rc)
         goto out;
+    /* the f16 copy of the centroids the selection may read instead (as an engine keeps it) */
+    rc = ckv_dev_alloc(ctx, sizeof(uint16_t) * ((size_t)l.n_clusters_total + 1) * HD,
+                       (void **)&cen16);
+    if (!rc)
+        rc = ckv_convert(ctx, cen16, CKV_DTYPE_F16, cen, CKV_DTYPE_F32,
+                         (size_t)l.n_clusters_total * HD);
+    if (rc)
+        goto out;
     row->n_clusters = l.n_clusters_total / NKV;
     row->kmeans_ms = median(km, NKV);
     row->kmeans_iters = it / NKV;
     row->n_budgets = n_budgets;
-    n_run = 2 * n_budgets;
+    n_run = 3 * n_budgets;
     runners = calloc((size_t)n_run, sizeof(*runners));
     rc = runners ? 0 : -ENOMEM;
     for (int i = 0; rc == 0 && i < n_run; i++)
-        rc = runner_init(&runners[i], cfg, &l, budgets[i / 2],
-                         i % 2 ? CKV_SELECT_PER_QHEAD : CKV_SELECT_KVHEAD_MAX);
+        rc = runner_init(&runners[i], cfg, &l, budgets[i / 3],
+                         i % 3 == 0   ? CKV_SELECT_KVHEAD_MAX
+                         : i % 3 == 1 ? CKV_SELECT_KVHEAD_SUM
+                                      : CKV_SELECT_PER_QHEAD);
 
-    /* the timed calls, interleaved rep by rep so that full attention and every ClusterKV
-     * configuration see the same machine (other processes come and go) */
+    /* the timed calls, interleaved rep by rep so that the bandwidth references, full
+     * attention and every ClusterKV configuration see the same machine (other processes come
+     * and go) */
     float out[NQ * HD];
     for (int r = 0; rc == 0 && r < cfg->reps; r++) {
+        flush_caches();
+        t_cp[r] = bandwidth_once(bw_b, bw_a, bw_bytes, ckv_ctx_n_threads(ctx), 0);
+        flush_caches();
+        t_rd[r] = bandwidth_once(NULL, bw_a, bw_bytes, ckv_ctx_n_threads(ctx), 1);
         const float *q = qkv.q + (size_t)r * NQ * HD;
         struct ckv_attn_full_args fa = {.n_q_heads = NQ, .n_kv_heads = NKV, .head_dim = HD,
                                         .n_ctx = n, .q = q, .k = k, .v = v, .dtype = qkv.dtype,
@@ -354,8 +368,15 @@ static int run_context(ckv_ctx_t *ctx, const struct bench_cfg *cfg, int n, const
         t[r] = (double)(ckv_now_ns() - t0) * 1e-6;
         for (int i = 0; rc == 0 && i < n_run; i++) {
             flush_caches();
-            rc = runner_step(&runners[i], ctx, &l, cen, pool, qkv.dtype, q, r);
+            rc = runner_step(&runners[i], ctx, &l, cen, cfg->centroid_f16 ? cen16 : NULL, pool,
+                             qkv.dtype, q, r);
         }
+    }
+    if (rc == 0) {
+        size_t per = bw_bytes / (size_t)ckv_ctx_n_threads(ctx) & ~(size_t)63;
+        double moved = (double)(per * (size_t)ckv_ctx_n_threads(ctx));
+        row->memcpy_gbs = moved / median(t_cp, cfg->reps) / 1e9;
+        row->read_gbs = moved / median(t_rd, cfg->reps) / 1e9;
     }
     if (rc)
         goto out;
@@ -363,10 +384,12 @@ static int run_context(ckv_ctx_t *ctx, const struct bench_cfg *cfg, int n, const
     row->full_gbs = (double)kv_bytes / (row->full_ms * 1e-3) / 1e9;
     for (int b = 0; b < n_budgets; b++) {
         struct budget_row *br = &row->b[b];
-        struct ckv_runner *kv = &runners[2 * b], *qh = &runners[2 * b + 1];
+        struct ckv_runner *kv = &runners[3 * b], *sum = &runners[3 * b + 1];
+        struct ckv_runner *qh = &runners[3 * b + 2];
         br->budget = budgets[b];
         br->ckv_ms_kv = median(kv->t_total, cfg->reps);
         br->sel_ms_kv = median(kv->t_sel, cfg->reps);
+        br->ckv_ms_sum = median(sum->t_total, cfg->reps);
         br->ckv_ms_q = median(qh->t_total, cfg->reps);
         br->tokens_kv = (double)kv->tokens / cfg->reps / kv->n_units;
         br->tokens_q = (double)qh->tokens / cfg->reps / qh->n_units;
@@ -377,10 +400,11 @@ out:
     free(runners);
     ckv_sparse_layout_free(&l);
     ckv_dev_free(ctx, cen);
+    ckv_dev_free(ctx, cen16);
     ckv_dev_free(ctx, pool);
     ckv_dev_free(ctx, k);
     ckv_dev_free(ctx, v);
-    free(bw_a), free(bw_b), free(t);
+    free(bw_a), free(bw_b), free(t), free(t_cp), free(t_rd);
     ckv_qkv_free(&qkv);
     return rc;
 }
@@ -388,11 +412,11 @@ out:
 /* ---- report ---- */
 
 static void print_tables(const struct ctx_row *rows, int n_rows, const char *describe,
-                         const char *command)
+                         const char *command, const char *centroids)
 {
     printf("\nDecode attention, one layer, 32 q heads / 8 KV heads / head_dim 128, f16 KV "
-           "(%s)\n\n",
-           describe);
+           "(%s; selection reads %s centroids)\n\n",
+           describe, centroids);
     printf("| context | KV MiB | full ms | full GB/s | memcpy GB/s | full / memcpy | read GB/s "
            "| full / read |\n|---|---|---|---|---|---|---|---|\n");
     for (int i = 0; i < n_rows; i++) {
@@ -401,16 +425,17 @@ static void print_tables(const struct ctx_row *rows, int n_rows, const char *des
                r->kv_mib, r->full_ms, r->full_gbs, r->memcpy_gbs,
                100.0 * r->full_gbs / r->memcpy_gbs, r->read_gbs, 100.0 * r->full_gbs / r->read_gbs);
     }
-    printf("\n| context | budget | full ms | ClusterKV ms (per KV head) | speedup | of which "
-           "select ms | tokens/unit | ClusterKV ms (per q head) | speedup |\n"
-           "|---|---|---|---|---|---|---|---|---|\n");
+    printf("\n| context | budget | full ms | ClusterKV per KV head (max) ms | speedup | of which "
+           "select ms | per KV head (sum) ms | speedup | per q head ms | speedup |\n"
+           "|---|---|---|---|---|---|---|---|---|---|\n");
     for (int i = 0; i < n_rows; i++)
         for (int b = 0; b < rows[i].n_budgets; b++) {
             const struct ctx_row *r = &rows[i];
             const struct budget_row *br = &r->b[b];
-            printf("| %d | %d | %.2f | %.3f | %.1fx | %.3f | %.0f | %.3f | %.1fx |\n", r->n_ctx,
-                   br->budget, r->full_ms, br->ckv_ms_kv, r->full_ms / br->ckv_ms_kv,
-                   br->sel_ms_kv, br->tokens_kv, br->ckv_ms_q, r->full_ms / br->ckv_ms_q);
+            printf("| %d | %d | %.2f | %.3f | %.1fx | %.3f | %.3f | %.1fx | %.3f | %.1fx |\n",
+                   r->n_ctx, br->budget, r->full_ms, br->ckv_ms_kv, r->full_ms / br->ckv_ms_kv,
+                   br->sel_ms_kv, br->ckv_ms_sum, r->full_ms / br->ckv_ms_sum, br->ckv_ms_q,
+                   r->full_ms / br->ckv_ms_q);
         }
     printf("\n| context | clusters per KV head | k-means ms per (layer, KV head) | iterations "
            "|\n|---|---|---|---|\n");
@@ -421,12 +446,13 @@ static void print_tables(const struct ctx_row *rows, int n_rows, const char *des
 }
 
 static int write_json(const char *path, const struct ctx_row *rows, int n_rows,
-                      const char *describe, const char *command)
+                      const char *describe, const char *command, const char *centroids)
 {
     FILE *f = fopen(path, "w");
     if (!f)
         return -errno;
     fprintf(f, "{\n  \"bench\": \"ckv-bench-attn\",\n  \"backend\": \"%s\",\n", describe);
+    fprintf(f, "  \"centroids\": \"%s\",\n", centroids);
     fprintf(f, "  \"command\": \"%s\",\n", command);
     fprintf(f, "  \"shape\": {\"n_q_heads\": %d, \"n_kv_heads\": %d, \"head_dim\": %d, "
                "\"kv_dtype\": \"f16\"},\n",
@@ -438,6 +464,8 @@ static int write_json(const char *path, const struct ctx_row *rows, int n_rows,
         for (int b = 0; b < r->n_budgets; b++)
             if (r->b[b].budget == 1024) {
                 fprintf(f, "  \"speedup_32k_b1024\": %.3f,\n", r->full_ms / r->b[b].ckv_ms_kv);
+                fprintf(f, "  \"speedup_32k_b1024_kvhead_sum\": %.3f,\n",
+                        r->full_ms / r->b[b].ckv_ms_sum);
                 fprintf(f, "  \"speedup_32k_b1024_per_qhead\": %.3f,\n",
                         r->full_ms / r->b[b].ckv_ms_q);
             }
@@ -460,12 +488,13 @@ static int write_json(const char *path, const struct ctx_row *rows, int n_rows,
             fprintf(f,
                     "%s\n      {\"budget\": %d, \"clusterkv_ms_kvhead\": %.4f, "
                     "\"speedup_kvhead\": %.3f, \"select_ms_kvhead\": %.4f, "
+                    "\"clusterkv_ms_kvhead_sum\": %.4f, \"speedup_kvhead_sum\": %.3f, "
                     "\"tokens_per_unit_kvhead\": %.1f, "
                     "\"clusterkv_ms_qhead\": %.4f, \"speedup_qhead\": %.3f, "
                     "\"tokens_per_unit_qhead\": %.1f}",
                     b ? "," : "", br->budget, br->ckv_ms_kv, r->full_ms / br->ckv_ms_kv,
-                    br->sel_ms_kv, br->tokens_kv, br->ckv_ms_q,
-                    r->full_ms / br->ckv_ms_q, br->tokens_q);
+                    br->sel_ms_kv, br->ckv_ms_sum, r->full_ms / br->ckv_ms_sum, br->tokens_kv,
+                    br->ckv_ms_q, r->full_ms / br->ckv_ms_q, br->tokens_q);
         }
         fprintf(f, "]}%s\n", i + 1 < n_rows ? "," : "");
     }
@@ -521,10 +550,12 @@ int main(int argc, char **argv)
     if (rc) {
         fprintf(stderr, "ckv-bench-attn: %s\n", ckv_strerror(rc));
     } else {
-        print_tables(rows, n_ctx, ckv_ctx_describe(ctx), cmd.data);
+        print_tables(rows, n_ctx, ckv_ctx_describe(ctx), cmd.data,
+                     centroid_names[cfg.centroid_f16]);
         printf("(%.1f s in all)\n", ckv_elapsed_s(t0));
         if (cfg.json[0]) {
-            rc = write_json(cfg.json, rows, n_ctx, ckv_ctx_describe(ctx), cmd.data);
+            rc = write_json(cfg.json, rows, n_ctx, ckv_ctx_describe(ctx), cmd.data,
+                            centroid_names[cfg.centroid_f16]);
             if (rc)
                 fprintf(stderr, "ckv-bench-attn: %s: %s\n", cfg.json, ckv_strerror(rc));
         }

@@ -402,7 +402,8 @@ int ckv_ref_select_clusters(const struct ckv_select_args *a)
                 double v = 0;
                 for (int t = 0; t < d; t++)
                     v += (double)a->q[(size_t)(row0 + r) * d + t] *
-                         a->centroids[(size_t)c * d + t];
+                         (a->centroids_f16 ? ckv_half_to_f32(a->centroids_f16[(size_t)c * d + t])
+                                           : a->centroids[(size_t)c * d + t]);
                 s = fold(a->mode, s, v, r == 0);
             }
             if (a->scores)

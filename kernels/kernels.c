@@ -211,7 +211,8 @@ int ckv_select_clusters(ckv_ctx_t *ctx, const struct ckv_select_args *a)
 {
     if (!ctx || !a || !gqa_ok(a->n_q_heads, a->n_kv_heads) || !head_dim_ok(a->head_dim) ||
         !mode_ok(a->mode) || !a->q || a->n_clusters_total < 0 ||
-        (a->n_clusters_total > 0 && (!a->centroids || !a->sizes)) || !a->head_offsets ||
+        (a->n_clusters_total > 0 && ((!a->centroids && !a->centroids_f16) || !a->sizes)) ||
+        !a->head_offsets ||
         a->budget < 1 || a->max_selected < 1 || !a->sel_clusters || !a->sel_count ||
         !a->sel_last_take)
         return -EINVAL;

@@ -58,6 +58,8 @@ static const char *const method_names[N_METHODS] = {"clusterkv-q", "clusterkv-kv
 static const char *const method_units[N_METHODS] = {"cluster", "cluster", "cluster",
                                                     "page",    "token",   "token"};
 
+static const char *const centroid_names[] = {"f32", "f16", NULL};
+
 struct eval_cfg {
     char dump[512];
     bool synthetic;
@@ -68,6 +70,7 @@ struct eval_cfg {
     int sinks, window, tokens_per_cluster, window_clusters, kmeans_iter, hit_r, threads, seed;
     double query_gain, key_noise, group_share, drift;
     int topics;
+    int centroid_f16;
     int max_steps;
 };
 
@@ -109,6 +112,8 @@ static const struct ckv_config_opt eval_options[] = {
     CKV_OPT_INT(struct eval_cfg, window_clusters, "window-clusters", "8", 1, 4096,
                 "clusters per clustered window"),
     CKV_OPT_INT(struct eval_cfg, kmeans_iter, "kmeans-iter", "20", 1, 1000, "k-means iterations"),
+    CKV_OPT_ENUM(struct eval_cfg, centroid_f16, "centroids", "f32", centroid_names,
+                 "ClusterKV scores clusters with f32 centroids or their f16 copy"),
     CKV_OPT_INT(struct eval_cfg, hit_r, "hit-r", "8", 1, 4096,
                 "cache hit rate: units seen in the last R steps"),
     CKV_OPT_INT(struct eval_cfg, threads, "threads", "0", 0, 1024, "CPU threads; 0: all cores"),
@@ -364,6 +369,7 @@ static int score_lists(struct layer_eval *e, int m, int step, int per_kv)
 /* Rebuilds the global cluster arrays the selection kernel wants from the heads' lists. */
 struct global_clusters {
     float *cen;
+    uint16_t *cen16; /* the f16 copy, when --centroids f16 */
     int32_t *sizes, *head_off, *head_of, *local_of;
     int total;
 };
@@ -373,13 +379,15 @@ static int gc_build(struct global_clusters *g, const struct head_clusters *hc, i
     int total = 0;
     for (int h = 0; h < nkv; h++)
         total += hc[h].n;
-    free(g->cen), free(g->sizes), free(g->head_off), free(g->head_of), free(g->local_of);
+    free(g->cen), free(g->cen16), free(g->sizes), free(g->head_off), free(g->head_of);
+    free(g->local_of);
     g->cen = malloc(sizeof(float) * ((size_t)total + 1) * d);
+    g->cen16 = malloc(sizeof(uint16_t) * ((size_t)total + 1) * d);
     g->sizes = malloc(sizeof(int32_t) * (total + 1));
     g->head_off = malloc(sizeof(int32_t) * (nkv + 1));
     g->head_of = malloc(sizeof(int32_t) * (total + 1));
     g->local_of = malloc(sizeof(int32_t) * (total + 1));
-    if (!g->cen || !g->sizes || !g->head_off || !g->head_of || !g->local_of)
+    if (!g->cen || !g->cen16 || !g->sizes || !g->head_off || !g->head_of || !g->local_of)
         return -ENOMEM;
     int c = 0;
     for (int h = 0; h < nkv; h++) {
@@ -393,12 +401,14 @@ static int gc_build(struct global_clusters *g, const struct head_clusters *hc, i
     }
     g->head_off[nkv] = c;
     g->total = total;
+    for (size_t i = 0; i < (size_t)total * d; i++)
+        g->cen16[i] = ckv_half_from_f32(g->cen[i]);
     return 0;
 }
 
 static void gc_free(struct global_clusters *g)
 {
-    free(g->cen), free(g->sizes), free(g->head_off), free(g->head_of), free(g->local_of);
+    free(g->cen), free(g->cen16), free(g->sizes), free(g->head_off), free(g->head_of), free(g->local_of);
     memset(g, 0, sizeof(*g));
 }
 
@@ -420,7 +430,8 @@ static int rank_clusterkv(struct layer_eval *e, const struct global_clusters *g,
         .n_q_heads = q->n_q_heads, .n_kv_heads = q->n_kv_heads, .head_dim = e->d, .mode = mode,
         .q = qstep, .centroids = g->cen, .sizes = g->sizes, .head_offsets = g->head_off,
         .n_clusters_total = g->total, .budget = e->b_max, .max_selected = max_sel,
-        .sel_clusters = sel, .sel_count = cnt, .sel_last_take = last};
+        .sel_clusters = sel, .sel_count = cnt, .sel_last_take = last,
+        .centroids_f16 = e->cfg->centroid_f16 ? g->cen16 : NULL};
     if (!rc)
         rc = ckv_select_clusters(e->ctx, &a);
     for (int u = 0; rc == 0 && u < n_units; u++) {
@@ -859,9 +870,9 @@ int ckv_cmd_eval_attn(int argc, char **argv)
         rc = ckv_qkv_synth(&sp, &q);
         if (rc == 0) {
             snprintf(source, sizeof(source),
-                     "synthetic %d/%d heads, d %d, %d+%d tokens, %d topics, seed %d",
+                     "synthetic %d/%d heads, d %d, %d+%d tokens, %d topics, seed %d%s",
                      cfg.n_q_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_prompt, cfg.steps,
-                     sp.n_topics, cfg.seed);
+                     sp.n_topics, cfg.seed, cfg.centroid_f16 ? ", f16 centroids" : "");
             rc = eval_layer(&cfg, ctx, &q, &res);
             ckv_qkv_free(&q);
         }
@@ -897,8 +908,8 @@ int ckv_cmd_eval_attn(int argc, char **argv)
                 status = 1;
             }
         }
-        snprintf(source, sizeof(source), "%s (%d layer file%s)", cfg.dump, n_files,
-                 n_files == 1 ? "" : "s");
+        snprintf(source, sizeof(source), "%s (%d layer file%s%s)", cfg.dump, n_files,
+                 n_files == 1 ? "" : "s", cfg.centroid_f16 ? ", f16 centroids" : "");
         for (int i = 0; i < n_files; i++)
             free(files[i]);
         free(files);

@@ -127,10 +127,25 @@ static void sel_task(void *arg, int u, int tid)
     int32_t *sel = a->sel_clusters + (size_t)u * a->max_selected;
     int count = 0, last = 0;
     if (nc > 0) {
+        const float *qr = a->q + (size_t)row0 * d;
+        if (a->mode == CKV_SELECT_KVHEAD_SUM && n_rows > 1) {
+            /* sum_g q_g . c = (sum_g q_g) . c: one row to score instead of the group */
+            float *qsum = s + (size_t)n_rows * j->max_head;
+            for (int i = 0; i < d; i++) {
+                float acc = 0.0f;
+                for (int r = 0; r < n_rows; r++)
+                    acc += qr[(size_t)r * d + i];
+                qsum[i] = acc;
+            }
+            qr = qsum;
+            n_rows = 1;
+        }
         /* centroids are cold (one read per step and layer): prefetch 16 rows ahead */
-        j->cb->simd->gemm_nt(n_rows, nc, d, a->q + (size_t)row0 * d, (size_t)d,
-                             a->centroids + (size_t)c0 * d, CKV_DTYPE_F32, (size_t)d, s,
-                             (size_t)nc, a->centroids + (size_t)(c0 + 16) * d);
+        const void *cen = a->centroids_f16 ? (const void *)(a->centroids_f16 + (size_t)c0 * d)
+                                           : (const void *)(a->centroids + (size_t)c0 * d);
+        enum ckv_dtype cdt = a->centroids_f16 ? CKV_DTYPE_F16 : CKV_DTYPE_F32;
+        j->cb->simd->gemm_nt(n_rows, nc, d, qr, (size_t)d, cen, cdt, (size_t)d, s, (size_t)nc,
+                             (const char *)cen + (size_t)16 * d * ckv_dtype_size(cdt));
         fold_rows(a->mode, s, n_rows, nc);
         if (a->scores)
             memcpy(a->scores + (size_t)u * a->n_clusters_total + c0, s,
@@ -174,7 +189,8 @@ int cpu_select_clusters(struct ckv_ctx *ctx, const struct ckv_select_args *a)
         return -ENOSPC;
     int n_rows = a->mode == CKV_SELECT_PER_QHEAD ? 1 : G;
     int rc = cpu_scratch_reserve(cb, cpu_align64((size_t)max_head * sizeof(uint64_t)) +
-                                         (size_t)n_rows * max_head * sizeof(float));
+                                         ((size_t)n_rows * max_head + a->head_dim) *
+                                             sizeof(float));
     if (rc)
         return rc;
     struct sel_job j = {a, cb, G, max_head};

@@ -6,7 +6,8 @@
  * bit-equal to the references, ties (there are many) included. On random float inputs a
  * selection must be a correct ranking up to rounding: every chosen cluster scores at least
  * as high as every cluster left out, within SCORE_TOL = 1e-4 (relative to the score scale),
- * and the chosen order must be non-increasing within the same tolerance. The budget is exact:
+ * and the chosen order must be non-increasing within the same tolerance (both with f32
+ * centroids and with their f16 copy, which the reference reads too). The budget is exact:
  * the tokens taken are min(B, tokens of the head), never one more or less. Sparse attention
  * with B >= the clustered tokens must match full attention within 2e-5 (as kernels_attn).
  */
@@ -31,6 +32,7 @@ struct sel_case {
 
 struct sel_bufs {
     float *q, *cen, *scores, *rscores;
+    uint16_t *cen16; /* the centroids rounded to f16 */
     int32_t *sizes, *offs;
     int32_t *sel, *cnt, *last, *rsel, *rcnt, *rlast;
     int total, max_sel, n_units;
@@ -46,8 +48,11 @@ static void sel_alloc(struct sel_bufs *b, const struct sel_case *c, struct ktest
     b->offs = malloc(sizeof(int32_t) * (c->nkv + 1));
     for (int i = 0; i < c->nq * c->d; i++)
         b->q[i] = c->integer ? (float)ktest_int(rng, -2, 2) : ktest_normal(rng);
-    for (int i = 0; i < total * c->d; i++)
+    b->cen16 = malloc(sizeof(uint16_t) * ((size_t)total + 1) * c->d);
+    for (int i = 0; i < total * c->d; i++) {
         b->cen[i] = c->integer ? (float)ktest_int(rng, -2, 2) : ktest_normal(rng);
+        b->cen16[i] = ckv_half_from_f32(b->cen[i]);
+    }
     for (int i = 0; i < total; i++) /* sizes 1..200, a few empty (never selected) */
         b->sizes[i] = ktest_int(rng, 0, 30) == 0 ? 0 : ktest_int(rng, 1, 200);
     b->offs[0] = 0;
@@ -64,7 +69,7 @@ static void sel_alloc(struct sel_bufs *b, const struct sel_case *c, struct ktest
 
 static void sel_free(struct sel_bufs *b)
 {
-    free(b->q), free(b->cen), free(b->sizes), free(b->offs), free(b->sel), free(b->rsel);
+    free(b->q), free(b->cen), free(b->cen16), free(b->sizes), free(b->offs), free(b->sel), free(b->rsel);
     free(b->cnt), free(b->rcnt), free(b->last), free(b->rlast), free(b->scores), free(b->rscores);
 }
 
@@ -123,12 +128,14 @@ static void run_select_case(ckv_ctx_t *ctx, const struct sel_case *c, uint64_t s
     sel_alloc(&b, c, &rng);
     int G = c->nq / c->nkv;
     static const int budgets[] = {1, 15, 17, 100, 1000, 5000, 1000000};
+    for (int f16 = 0; f16 <= 1; f16++) /* f32 centroids, then the f16 copy alone */
     for (int mode = CKV_SELECT_PER_QHEAD; mode <= CKV_SELECT_KVHEAD_SUM; mode++) {
         int n_units = mode == CKV_SELECT_PER_QHEAD ? c->nq : c->nkv;
         for (size_t bi = 0; bi < CKV_ARRAY_LEN(budgets); bi++) {
             struct ckv_select_args a = {
                 .n_q_heads = c->nq, .n_kv_heads = c->nkv, .head_dim = c->d,
-                .mode = (enum ckv_select_mode)mode, .q = b.q, .centroids = b.cen,
+                .mode = (enum ckv_select_mode)mode, .q = b.q, .centroids = f16 ? NULL : b.cen,
+                .centroids_f16 = f16 ? b.cen16 : NULL,
                 .sizes = b.sizes, .head_offsets = b.offs, .n_clusters_total = b.total,
                 .budget = budgets[bi], .max_selected = b.max_sel, .sel_clusters = b.sel,
                 .sel_count = b.cnt, .sel_last_take = b.last, .scores = b.scores};
@@ -138,9 +145,9 @@ static void run_select_case(ckv_ctx_t *ctx, const struct sel_case *c, uint64_t s
             r.scores = b.rscores;
             cr_assert_eq(ckv_ref_select_clusters(&r), 0);
             char what[128];
-            snprintf(what, sizeof(what), "%s nq=%d nkv=%d d=%d C=%d mode=%d B=%d",
+            snprintf(what, sizeof(what), "%s nq=%d nkv=%d d=%d C=%d mode=%d B=%d %s",
                      ckv_ctx_describe(ctx), c->nq, c->nkv, c->d, c->clusters_per_head, mode,
-                     budgets[bi]);
+                     budgets[bi], f16 ? "f16 centroids" : "f32 centroids");
             for (int u = 0; u < n_units; u++) {
                 int h = mode == CKV_SELECT_PER_QHEAD ? u / G : u;
                 check_unit(&b, u, h, budgets[bi], what);
