@@ -22,6 +22,7 @@
 
 #include "ckv_error.h"
 #include "ckv_half.h"
+#include "ckv_rng.h"
 
 #define QKV_HEADER_BYTES 64
 #define QKV_MAX_HEADS 1024
@@ -324,10 +325,7 @@ struct synth_rng {
 
 static uint64_t synth_next(struct synth_rng *r)
 {
-    uint64_t z = (r->s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    return ckv_rng_next(&r->s);
 }
 
 static float synth_uniform(struct synth_rng *r) /* [0, 1) */

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "ckv_half.h"
+#include "ckv_rng.h"
 
 double ckv_ref_elem(const void *row, enum ckv_dtype dt, size_t i)
 {
@@ -58,19 +59,27 @@ static void attend(const float *q, const void *const *krows, const void *const *
     free(s);
 }
 
+/* Two arrays of n row pointers (at least one), freed with free(). Returns 0 or -ENOMEM. */
+static int rows_alloc(int n, const void ***kr, const void ***vr)
+{
+    *kr = malloc(sizeof(void *) * (size_t)(n > 0 ? n : 1));
+    *vr = malloc(sizeof(void *) * (size_t)(n > 0 ? n : 1));
+    if (*kr && *vr)
+        return 0;
+    free(*kr);
+    free(*vr);
+    return -ENOMEM;
+}
+
 int ckv_ref_attn_tokens(const float *q, const void *k, const void *v, enum ckv_dtype dtype,
                         int head_dim, size_t token_stride, const int32_t *tokens, int n,
                         float scale, float *out, float *lse)
 {
     if (!q || !out || n < 0 || (n > 0 && (!k || !v || !tokens)))
         return -EINVAL;
-    const void **kr = malloc(sizeof(void *) * (size_t)(n > 0 ? n : 1));
-    const void **vr = malloc(sizeof(void *) * (size_t)(n > 0 ? n : 1));
-    if (!kr || !vr) {
-        free(kr);
-        free(vr);
+    const void **kr, **vr;
+    if (rows_alloc(n, &kr, &vr))
         return -ENOMEM;
-    }
     for (int t = 0; t < n; t++) {
         kr[t] = row_at(k, dtype, (size_t)tokens[t] * token_stride);
         vr[t] = row_at(v, dtype, (size_t)tokens[t] * token_stride);
@@ -109,13 +118,9 @@ int ckv_ref_attn_decode_blocks(const struct ckv_attn_blocks_args *a)
         int n = 0;
         for (int b = r0; b < r1; b++)
             n += a->refs[b].n_tokens;
-        const void **kr = malloc(sizeof(void *) * (size_t)(n > 0 ? n : 1));
-        const void **vr = malloc(sizeof(void *) * (size_t)(n > 0 ? n : 1));
-        if (!kr || !vr) {
-            free(kr);
-            free(vr);
+        const void **kr, **vr;
+        if (rows_alloc(n, &kr, &vr))
             return -ENOMEM;
-        }
         int t = 0;
         for (int b = r0; b < r1; b++) {
             const char *blk = (const char *)a->pool + (size_t)a->refs[b].slot * bb;
@@ -182,19 +187,6 @@ int ckv_ref_pack_blocks(const void *k, const void *v, enum ckv_dtype dtype, int 
 
 /* ---- k-means ---- */
 
-static uint64_t ref_splitmix64(uint64_t *s)
-{
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-static double ref_rand01(uint64_t *s)
-{
-    return (double)(ref_splitmix64(s) >> 11) * 0x1.0p-53;
-}
-
 static void ref_normalise(double *x, int d)
 {
     double ss = 0;
@@ -247,7 +239,7 @@ int ckv_ref_kmeans(const void *keys, enum ckv_dtype dtype, int n_tokens, int hea
     uint64_t rng = params->seed;
     for (int c = 0; c < C; c++) {
         int pick;
-        double u = ref_rand01(&rng);
+        double u = ckv_rng_uniform(&rng);
         if (c == 0) {
             pick = (int)(u * n);
         } else {

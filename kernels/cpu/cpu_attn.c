@@ -203,6 +203,34 @@ static float attn_scale(float scale, int d)
     return scale != 0.0f ? scale : 1.0f / sqrtf((float)d);
 }
 
+/* Runs fn over n_units * parts work items (unit u, part p is task u * parts + p; a unit is R
+ * consecutive output rows) and, with parts > 1, merges each row's parts into out and lse.
+ * *partials is where the tasks find the parts' buffer, (n_units * parts, R, d + 2). */
+static int attn_run_units(struct cpu_backend *cb, int n_units, int parts, int R, int d,
+                          cpu_task_fn fn, void *job, float **partials, float *out, float *lse)
+{
+    int rc = cpu_scratch_reserve(cb, attn_state_bytes(R, d));
+    if (rc)
+        return rc;
+    *partials = NULL;
+    if (parts > 1) {
+        *partials = malloc((size_t)n_units * parts * R * (d + 2) * sizeof(float));
+        if (!*partials)
+            return -ENOMEM;
+    }
+    cpu_pool_run(cb->pool, n_units * parts, fn, job);
+    if (parts > 1) {
+        for (int u = 0; u < n_units; u++)
+            for (int r = 0; r < R; r++)
+                attn_merge_row(*partials + ((size_t)u * parts * R + r) * (d + 2),
+                               (size_t)R * (d + 2), parts, d, out + (size_t)(u * R + r) * d,
+                               lse ? lse + u * R + r : NULL);
+        free(*partials);
+        *partials = NULL;
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------
  * Decode over a contiguous KV cache
  * ------------------------------------------------------------------------------------------ */
@@ -260,24 +288,8 @@ int cpu_attn_decode_full(struct ckv_ctx *ctx, const struct ckv_attn_full_args *a
         j.parts = (a->n_ctx + j.chunk - 1) / j.chunk;
     if (j.parts < 1)
         j.parts = 1;
-    int rc = cpu_scratch_reserve(cb, attn_state_bytes(G, d));
-    if (rc)
-        return rc;
-    if (j.parts > 1) {
-        j.partials = malloc((size_t)a->n_kv_heads * j.parts * G * (d + 2) * sizeof(float));
-        if (!j.partials)
-            return -ENOMEM;
-    }
-    cpu_pool_run(cb->pool, a->n_kv_heads * j.parts, full_task, &j);
-    if (j.parts > 1) {
-        for (int h = 0; h < a->n_kv_heads; h++)
-            for (int g = 0; g < G; g++)
-                attn_merge_row(j.partials + ((size_t)h * j.parts * G + g) * (d + 2),
-                               (size_t)G * (d + 2), j.parts, d, a->out + (size_t)(h * G + g) * d,
-                               a->lse ? a->lse + h * G + g : NULL);
-        free(j.partials);
-    }
-    return 0;
+    return attn_run_units(cb, a->n_kv_heads, j.parts, G, d, full_task, &j, &j.partials, a->out,
+                          a->lse);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -363,24 +375,8 @@ int cpu_attn_decode_blocks(struct ckv_ctx *ctx, const struct ckv_attn_blocks_arg
                            .block_bytes = ckv_block_bytes(d, a->dtype),
                            .v_offset = (size_t)CKV_BLOCK_TOKENS * d * esz};
     j.parts = attn_parts(cb->n_threads, a->n_lists, max_tokens);
-    int rc = cpu_scratch_reserve(cb, attn_state_bytes(R, d));
-    if (rc)
-        return rc;
-    if (j.parts > 1) {
-        j.partials = malloc((size_t)a->n_lists * j.parts * R * (d + 2) * sizeof(float));
-        if (!j.partials)
-            return -ENOMEM;
-    }
-    cpu_pool_run(cb->pool, a->n_lists * j.parts, blocks_task, &j);
-    if (j.parts > 1) {
-        for (int l = 0; l < a->n_lists; l++)
-            for (int r = 0; r < R; r++)
-                attn_merge_row(j.partials + ((size_t)l * j.parts * R + r) * (d + 2),
-                               (size_t)R * (d + 2), j.parts, d, a->out + (size_t)(l * R + r) * d,
-                               a->lse ? a->lse + l * R + r : NULL);
-        free(j.partials);
-    }
-    return 0;
+    return attn_run_units(cb, a->n_lists, j.parts, R, d, blocks_task, &j, &j.partials, a->out,
+                          a->lse);
 }
 
 /* ------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
  * Clustering works on the unit-normalised keys X (n, d) f32. It is spherical k-means: a
  * token's cluster is argmax_c X_i . U_c, where U_c is the normalised sum of its members' unit
  * keys (the mean direction, which maximises the members' summed cosine similarity).
- *   - init: k-means++ from a splitmix64 stream seeded by params->seed. Centre 0 is a uniform
+ *   - init: k-means++ from a splitmix64 stream (ckv_rng.h) seeded by params->seed. Centre 0 is a uniform
  *     token; each next centre is token i with probability proportional to 1 - max_c cos(i, c)
  *     (half the squared Euclidean distance between unit vectors: k-means++'s D^2 weight).
  *     Its C sequential passes over all tokens are memory-bound, so they read the unit keys
@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "ckv_error.h"
+#include "ckv_rng.h"
 #include "cpu_backend.h"
 
 #define KM_CHUNK 1024  /* rows per task of the row-parallel passes (fixed: determinism) */
@@ -49,20 +50,6 @@ struct km {
     int cur; /* init: the centre being added */
     int assign_rows;
 };
-
-static uint64_t splitmix64(uint64_t *s)
-{
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-/* Uniform in [0, 1). */
-static double rand01(uint64_t *s)
-{
-    return (double)(splitmix64(s) >> 11) * 0x1.0p-53;
-}
 
 static const char *km_key(const struct km *k, int i)
 {
@@ -139,7 +126,7 @@ static int init_pick(const struct km *k, uint64_t *rng)
     double total = 0;
     for (int c = 0; c < k->n_chunks; c++)
         total += k->chunk_sum[c];
-    double u = rand01(rng);
+    double u = ckv_rng_uniform(rng);
     if (!(total > 0)) /* every token sits on a centre: any token (a duplicate centre) */
         return (int)(u * k->n);
     double target = u * total, cum = 0;
@@ -296,7 +283,7 @@ int cpu_kmeans(struct ckv_ctx *ctx, const void *keys, enum ckv_dtype dtype, int 
 
     /* k-means++ */
     uint64_t rng = params->seed;
-    int first = (int)(rand01(&rng) * n_tokens);
+    int first = (int)(ckv_rng_uniform(&rng) * n_tokens);
     cb->simd->f16_to_f32(k.Xh + (size_t)first * head_dim, k.U, (size_t)head_dim);
     k.cur = 0;
     cpu_pool_run(cb->pool, k.n_chunks, task_init_update, &k);

@@ -46,6 +46,19 @@ static inline ckv_ctx_t *ktest_ctx(enum ckv_cpu_isa isa, int n_threads)
     return ctx;
 }
 
+/* Calls fn(ctx, arg) on a context of each ISA to test, with 1 and then 2 threads. */
+static inline void ktest_each_ctx(void (*fn)(ckv_ctx_t *ctx, const void *arg), const void *arg)
+{
+    enum ckv_cpu_isa isas[3];
+    int n = ktest_isas(isas);
+    for (int i = 0; i < n; i++)
+        for (int threads = 1; threads <= 2; threads++) {
+            ckv_ctx_t *ctx = ktest_ctx(isas[i], threads);
+            fn(ctx, arg);
+            ckv_ctx_destroy(&ctx);
+        }
+}
+
 /* A small deterministic generator (xorshift64*), one per test. */
 struct ktest_rng {
     uint64_t s;

@@ -71,17 +71,16 @@ static const struct full_case full_cases[] = {
     {6, 2, 64, 0, CKV_DTYPE_F16, 0, 1.0f},     /* empty context: zero output, lse -inf */
 };
 
+static void full_cases_on(ckv_ctx_t *ctx, const void *arg)
+{
+    (void)arg;
+    for (size_t c = 0; c < CKV_ARRAY_LEN(full_cases); c++)
+        check_full(ctx, &full_cases[c], 1000 + c);
+}
+
 Test(kernels_attn, decode_full_vs_reference)
 {
-    enum ckv_cpu_isa isas[3];
-    int n_isa = ktest_isas(isas);
-    for (int i = 0; i < n_isa; i++)
-        for (int threads = 1; threads <= 2; threads++) {
-            ckv_ctx_t *ctx = ktest_ctx(isas[i], threads);
-            for (size_t c = 0; c < CKV_ARRAY_LEN(full_cases); c++)
-                check_full(ctx, &full_cases[c], 1000 + c);
-            ckv_ctx_destroy(&ctx);
-        }
+    ktest_each_ctx(full_cases_on, NULL);
 }
 
 /* One softmax dominated by a single key: the output is (almost) that token's V row. */
@@ -165,22 +164,21 @@ static void check_blocks(ckv_ctx_t *ctx, const struct blocks_case *c, uint64_t s
     free(pool), free(q), free(offs), free(refs), free(out), free(lse), free(ref), free(rlse);
 }
 
-Test(kernels_attn, decode_blocks_vs_reference)
+static void blocks_cases_on(ckv_ctx_t *ctx, const void *arg)
 {
     static const struct blocks_case cases[] = {
         {32, 8, 128, 1, CKV_DTYPE_F16, 30}, {32, 8, 128, 0, CKV_DTYPE_F16, 12},
         {12, 4, 64, 1, CKV_DTYPE_F32, 25},  {8, 1, 64, 1, CKV_DTYPE_F16, 200}, /* split */
         {3, 3, 64, 0, CKV_DTYPE_F32, 9},    {8, 2, 80, 1, CKV_DTYPE_F16, 7},
     };
-    enum ckv_cpu_isa isas[3];
-    int n_isa = ktest_isas(isas);
-    for (int i = 0; i < n_isa; i++)
-        for (int threads = 1; threads <= 2; threads++) {
-            ckv_ctx_t *ctx = ktest_ctx(isas[i], threads);
-            for (size_t c = 0; c < CKV_ARRAY_LEN(cases); c++)
-                check_blocks(ctx, &cases[c], 77 + c);
-            ckv_ctx_destroy(&ctx);
-        }
+    (void)arg;
+    for (size_t c = 0; c < CKV_ARRAY_LEN(cases); c++)
+        check_blocks(ctx, &cases[c], 77 + c);
+}
+
+Test(kernels_attn, decode_blocks_vs_reference)
+{
+    ktest_each_ctx(blocks_cases_on, NULL);
 }
 
 /* Packing a whole context into blocks and attending over every block is full attention. */
@@ -309,7 +307,7 @@ static void check_prefill(ckv_ctx_t *ctx, const struct prefill_case *c, uint64_t
     free(q), free(k), free(v), free(out), free(ref);
 }
 
-Test(kernels_attn, prefill_vs_reference)
+static void prefill_cases_on(ckv_ctx_t *ctx, const void *arg)
 {
     static const struct prefill_case cases[] = {
         {8, 2, 64, 100, 0, CKV_DTYPE_F16},  /* group 4, from the start */
@@ -319,15 +317,14 @@ Test(kernels_attn, prefill_vs_reference)
         {9, 3, 64, 1, 200, CKV_DTYPE_F16},  /* one new token: a decode step */
         {2, 1, 80, 130, 3, CKV_DTYPE_F16},  /* head_dim 80 */
     };
-    enum ckv_cpu_isa isas[3];
-    int n_isa = ktest_isas(isas);
-    for (int i = 0; i < n_isa; i++)
-        for (int threads = 1; threads <= 2; threads++) {
-            ckv_ctx_t *ctx = ktest_ctx(isas[i], threads);
-            for (size_t c = 0; c < CKV_ARRAY_LEN(cases); c++)
-                check_prefill(ctx, &cases[c], 300 + c);
-            ckv_ctx_destroy(&ctx);
-        }
+    (void)arg;
+    for (size_t c = 0; c < CKV_ARRAY_LEN(cases); c++)
+        check_prefill(ctx, &cases[c], 300 + c);
+}
+
+Test(kernels_attn, prefill_vs_reference)
+{
+    ktest_each_ctx(prefill_cases_on, NULL);
 }
 
 /* The last row of a prefill equals a decode step over the same cache. */

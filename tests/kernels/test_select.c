@@ -167,7 +167,7 @@ static void run_select_case(ckv_ctx_t *ctx, const struct sel_case *c, uint64_t s
     sel_free(&b);
 }
 
-Test(kernels_select, clusters_vs_reference)
+static void select_cases_on(ckv_ctx_t *ctx, const void *arg)
 {
     static const struct sel_case cases[] = {
         {32, 8, 128, 410, 0, 1}, /* Llama-3-8B shape, 410 clusters (> 256), exact */
@@ -177,15 +177,14 @@ Test(kernels_select, clusters_vs_reference)
         {32, 4, 128, 77, 0, 0},  /* group 8 */
         {9, 3, 64, 5, 0, 1},     /* few clusters: budget exceeds the head */
     };
-    enum ckv_cpu_isa isas[3];
-    int n_isa = ktest_isas(isas);
-    for (int i = 0; i < n_isa; i++)
-        for (int t = 1; t <= 2; t++) {
-            ckv_ctx_t *ctx = ktest_ctx(isas[i], t);
-            for (size_t c = 0; c < CKV_ARRAY_LEN(cases); c++)
-                run_select_case(ctx, &cases[c], 500 + c);
-            ckv_ctx_destroy(&ctx);
-        }
+    (void)arg;
+    for (size_t c = 0; c < CKV_ARRAY_LEN(cases); c++)
+        run_select_case(ctx, &cases[c], 500 + c);
+}
+
+Test(kernels_select, clusters_vs_reference)
+{
+    ktest_each_ctx(select_cases_on, NULL);
 }
 
 /* Ties go to the lower index; the ranking is a real sort (ClusterKV's authors' kernel is not). */
