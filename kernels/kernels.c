@@ -196,8 +196,8 @@ int ckv_kmeans(ckv_ctx_t *ctx, const void *keys, enum ckv_dtype dtype, int n_tok
 }
 
 int ckv_pack_blocks(ckv_ctx_t *ctx, const void *k, const void *v, enum ckv_dtype dtype,
-                    int head_dim, size_t token_stride, const int32_t *rows, int n_rows, void *pool,
-                    const int32_t *slots)
+                    int head_dim, size_t token_stride, const int32_t *rows, int n_rows,
+                    void *pool, const int32_t *slots)
 {
     if (!ctx || !k || !v || !dtype_ok(dtype) || !head_dim_ok(head_dim) ||
         token_stride < (size_t)head_dim || !rows || n_rows < 1 || !pool || !slots)
@@ -212,8 +212,9 @@ int ckv_select_clusters(ckv_ctx_t *ctx, const struct ckv_select_args *a)
     if (!ctx || !a || !gqa_ok(a->n_q_heads, a->n_kv_heads) || !head_dim_ok(a->head_dim) ||
         !mode_ok(a->mode) || !a->q || a->n_clusters_total < 0 ||
         (a->n_clusters_total > 0 && ((!a->centroids && !a->centroids_f16) || !a->sizes)) ||
-        !a->head_offsets || a->budget < 1 || a->max_selected < 1 || !a->sel_clusters ||
-        !a->sel_count || !a->sel_last_take)
+        !a->head_offsets ||
+        a->budget < 1 || a->max_selected < 1 || !a->sel_clusters || !a->sel_count ||
+        !a->sel_last_take)
         return -EINVAL;
     return cpu_select_clusters(ctx, a);
 }
@@ -256,8 +257,7 @@ int ckv_attn_decode_full(ckv_ctx_t *ctx, const struct ckv_attn_full_args *a)
 {
     if (!ctx || !a || !gqa_ok(a->n_q_heads, a->n_kv_heads) || !head_dim_ok(a->head_dim) ||
         a->n_ctx < 0 || !a->q || !a->out || !dtype_ok(a->dtype) || !scale_ok(a->scale) ||
-        (a->n_ctx > 0 &&
-         (!a->k || !a->v || !stride_ok(a->head_stride, a->n_kv_heads, a->head_dim))) ||
+        (a->n_ctx > 0 && (!a->k || !a->v || !stride_ok(a->head_stride, a->n_kv_heads, a->head_dim))) ||
         !stride_ok(a->token_stride, a->n_ctx, a->head_dim))
         return -EINVAL;
     return cpu_attn_decode_full(ctx, a);
@@ -266,8 +266,8 @@ int ckv_attn_decode_full(ckv_ctx_t *ctx, const struct ckv_attn_full_args *a)
 int ckv_attn_decode_blocks(ckv_ctx_t *ctx, const struct ckv_attn_blocks_args *a)
 {
     if (!ctx || !a || a->n_q_heads < 1 || !head_dim_ok(a->head_dim) || a->n_lists < 1 ||
-        a->heads_per_list < 1 || (int64_t)a->n_lists * a->heads_per_list != a->n_q_heads || !a->q ||
-        !a->list_offsets || !a->out || !dtype_ok(a->dtype) || !scale_ok(a->scale))
+        a->heads_per_list < 1 || (int64_t)a->n_lists * a->heads_per_list != a->n_q_heads ||
+        !a->q || !a->list_offsets || !a->out || !dtype_ok(a->dtype) || !scale_ok(a->scale))
         return -EINVAL;
     return cpu_attn_decode_blocks(ctx, a);
 }

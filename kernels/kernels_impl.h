@@ -38,12 +38,13 @@ int cpu_kmeans(struct ckv_ctx *ctx, const void *keys, enum ckv_dtype dtype, int 
                const struct ckv_kmeans_params *params, struct ckv_kmeans_out *out,
                int *n_clusters_host, int *n_iter_host);
 int cpu_pack_blocks(struct ckv_ctx *ctx, const void *k, const void *v, enum ckv_dtype dtype,
-                    int head_dim, size_t token_stride, const int32_t *rows, int n_rows, void *pool,
-                    const int32_t *slots);
+                    int head_dim, size_t token_stride, const int32_t *rows, int n_rows,
+                    void *pool, const int32_t *slots);
 
 int cpu_select_clusters(struct ckv_ctx *ctx, const struct ckv_select_args *a);
-int cpu_quest_page_bounds(struct ckv_ctx *ctx, const void *keys, enum ckv_dtype dtype, int n_tokens,
-                          int head_dim, size_t row_stride, float *page_min, float *page_max);
+int cpu_quest_page_bounds(struct ckv_ctx *ctx, const void *keys, enum ckv_dtype dtype,
+                          int n_tokens, int head_dim, size_t row_stride, float *page_min,
+                          float *page_max);
 int cpu_quest_select(struct ckv_ctx *ctx, const struct ckv_quest_args *a);
 int cpu_oracle_topk(struct ckv_ctx *ctx, const float *q, const void *k, enum ckv_dtype dtype,
                     int n_q_heads, int n_kv_heads, int head_dim, int n_ctx, size_t head_stride,
