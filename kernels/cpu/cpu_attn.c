@@ -25,7 +25,7 @@
 
 #define ATTN_TILE         64   /* keys per softmax step */
 #define ATTN_PREFILL_ROWS 64   /* query rows (tokens x group heads) per prefill work item */
-#define ATTN_MIN_PART     2048 /* fewest tokens worth a separate decode part (each part starts cold) */
+#define ATTN_MIN_PART     2048 /* fewest tokens of a decode part (each starts cold) */
 #define ATTN_MAX_SEGS     8    /* block runs per tile (partly filled blocks make more than 4) */
 
 /* The rows of one work item, carved from the thread's scratch. */
