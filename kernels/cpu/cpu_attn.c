@@ -26,7 +26,10 @@
 #define ATTN_TILE         64   /* keys per softmax step */
 #define ATTN_PREFILL_ROWS 64   /* query rows (tokens x group heads) per prefill work item */
 #define ATTN_MIN_PART     2048 /* fewest tokens of a decode part (each starts cold) */
-#define ATTN_MAX_SEGS     8    /* block runs per tile (partly filled blocks make more than 4) */
+#ifndef ATTN_PF_BLOCKS
+#define ATTN_PF_BLOCKS 4 /* blocks ahead a block list prefetches */
+#endif
+#define ATTN_MAX_SEGS 8 /* block runs per tile (partly filled blocks make more than 4) */
 
 /* The rows of one work item, carved from the thread's scratch. */
 struct attn_state {
@@ -326,9 +329,10 @@ static void blocks_task(void *arg, int task, int tid)
         const struct ckv_block_ref *ref = &a->refs[b];
         const char *blk = (const char *)a->pool + (size_t)ref->slot * j->block_bytes;
         /* prefetch the block about one tile ahead while this one computes */
-        const char *nb = b + 4 < b1
-                             ? (const char *)a->pool + (size_t)a->refs[b + 4].slot * j->block_bytes
-                             : NULL;
+        const char *nb =
+            b + ATTN_PF_BLOCKS < b1
+                ? (const char *)a->pool + (size_t)a->refs[b + ATTN_PF_BLOCKS].slot * j->block_bytes
+                : NULL;
         if (tokens + ref->n_tokens > ATTN_TILE || nseg == ATTN_MAX_SEGS) {
             attn_tile(j->cb->simd, &st, seg, nseg, a->dtype, NULL);
             nseg = tokens = 0;
