@@ -26,10 +26,8 @@
 #define ATTN_TILE         64   /* keys per softmax step */
 #define ATTN_PREFILL_ROWS 64   /* query rows (tokens x group heads) per prefill work item */
 #define ATTN_MIN_PART     2048 /* fewest tokens of a decode part (each starts cold) */
-#ifndef ATTN_PF_BLOCKS
-#define ATTN_PF_BLOCKS 4 /* blocks ahead a block list prefetches */
-#endif
-#define ATTN_MAX_SEGS 8 /* block runs per tile (partly filled blocks make more than 4) */
+#define ATTN_PF_BLOCKS    4    /* blocks ahead a block list prefetches */
+#define ATTN_MAX_SEGS     8    /* block runs per tile (partly filled blocks make more than 4) */
 
 /* The rows of one work item, carved from the thread's scratch. */
 struct attn_state {
