@@ -823,6 +823,21 @@ static int parse_methods(const char *s, struct eval_result *res)
     return any ? 0 : -EINVAL;
 }
 
+/* mkdir -p: creates dir and its missing parents (mode 0755). Returns 0, or -1 with errno. */
+static int mkdir_parents(const char *dir)
+{
+    char p[512];
+    snprintf(p, sizeof(p), "%s", dir);
+    for (char *c = p + 1; *c; c++)
+        if (*c == '/') {
+            *c = 0;
+            if (mkdir(p, 0755) != 0 && errno != EEXIST)
+                return -1;
+            *c = '/';
+        }
+    return mkdir(p, 0755) != 0 && errno != EEXIST ? -1 : 0;
+}
+
 int ckv_cmd_eval_attn(int argc, char **argv)
 {
     struct eval_cfg cfg;
@@ -861,7 +876,7 @@ int ckv_cmd_eval_attn(int argc, char **argv)
         fprintf(stderr, "ckv eval-attn: --n-q-heads must be a multiple of --n-kv-heads\n");
         return 2;
     }
-    if (mkdir(cfg.out, 0755) != 0 && errno != EEXIST) {
+    if (mkdir_parents(cfg.out) != 0) {
         fprintf(stderr, "ckv eval-attn: --out %s: %s\n", cfg.out, strerror(errno));
         return 1;
     }
