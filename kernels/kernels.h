@@ -30,14 +30,20 @@
 
 #define CKV_BLOCK_TOKENS 16
 
+/* Largest head_dim the kernels accept (larger is -EINVAL). */
+#define CKV_MAX_HEAD_DIM 512
+
 enum ckv_dtype {
     CKV_DTYPE_F32 = 0,
     CKV_DTYPE_F16 = 1, /* IEEE half, stored as uint16_t */
 };
 
-/* Bytes of one element / one block. */
+/* Bytes of one element / one block. 0 for an unknown dtype. */
 size_t ckv_dtype_size(enum ckv_dtype dt);
 size_t ckv_block_bytes(int head_dim, enum ckv_dtype dt);
+
+/* "f32" / "f16"; "?" for an unknown dtype. */
+const char *ckv_dtype_name(enum ckv_dtype dt);
 
 /* ------------------------------------------------------------------------------------------
  * Contexts and memory
@@ -58,6 +64,12 @@ enum ckv_cpu_isa {
     CKV_ISA_AVX512 = 3, /* AVX-512 F/BW/VL */
 };
 
+/* True when this CPU (and OS) can run the ISA; AUTO and PORTABLE always are. */
+int ckv_cpu_isa_supported(enum ckv_cpu_isa isa);
+
+/* "auto", "portable", "avx2", "avx512"; "?" otherwise. */
+const char *ckv_cpu_isa_name(enum ckv_cpu_isa isa);
+
 struct ckv_ctx_opts {
     enum ckv_backend_kind backend;
     int device;             /* CUDA device ordinal; ignored on CPU */
@@ -68,7 +80,8 @@ struct ckv_ctx_opts {
 typedef struct ckv_ctx ckv_ctx_t;
 
 /* Creates a context. CKV_ENODEVICE when CUDA is asked for and no device is usable (or the
- * build has no CUDA backend). The caller owns *out; free it with ckv_ctx_destroy(). */
+ * build has no CUDA backend). The caller owns *out; free it with ckv_ctx_destroy(). A context
+ * serves one host thread at a time (its scratch and stream are shared by its kernels). */
 int ckv_ctx_new(const struct ckv_ctx_opts *opts, ckv_ctx_t **out);
 
 /* Destroys the context and NULLs the pointer; NULL is fine. */
@@ -79,6 +92,15 @@ void ckv_ctx_destroy(ckv_ctx_t **ctx);
 const char *ckv_ctx_describe(const ckv_ctx_t *ctx);
 
 enum ckv_backend_kind ckv_ctx_backend(const ckv_ctx_t *ctx);
+
+/* The ISA a CPU context resolved AUTO to (CKV_ISA_AUTO for a CUDA context). */
+enum ckv_cpu_isa ckv_ctx_cpu_isa(const ckv_ctx_t *ctx);
+
+/* CPU worker threads of a CPU context (the calling thread included); 0 for CUDA. The CPU
+ * backend starts them lazily, at the first kernel that uses more than one: a process may fork
+ * (Criterion does) after ckv_ctx_new() but not between a kernel call and using the context in
+ * the child. */
+int ckv_ctx_n_threads(const ckv_ctx_t *ctx);
 
 /* True when a CUDA device is usable in this build and on this machine. */
 int ckv_cuda_available(void);
@@ -95,6 +117,13 @@ void ckv_dev_free(ckv_ctx_t *ctx, void *ptr);
 int ckv_copy_h2d(ckv_ctx_t *ctx, void *dst_dev, const void *src_host, size_t bytes);
 int ckv_copy_d2h(ckv_ctx_t *ctx, void *dst_host, const void *src_dev, size_t bytes);
 int ckv_copy_d2d(ckv_ctx_t *ctx, void *dst_dev, const void *src_dev, size_t bytes);
+
+/* Converts n elements from src (src_dt) to dst (dst_dt), both device buffers that do not
+ * overlap: f32 -> f16 rounds to nearest even (overflow gives inf, NaN stays NaN), f16 -> f32 is
+ * exact, equal dtypes copy. Queued on the stream like ckv_copy_d2d(). The engine uses it to
+ * store f32 K/V rows in an f16 cache. */
+int ckv_convert(ckv_ctx_t *ctx, void *dst_dev, enum ckv_dtype dst_dt, const void *src_dev,
+                enum ckv_dtype src_dt, size_t n);
 
 /* ------------------------------------------------------------------------------------------
  * Clustering (ALGORITHM.md section 1 and 2)
@@ -151,7 +180,8 @@ struct ckv_select_args {
     enum ckv_select_mode mode;
     const float *q;               /* (n_q_heads, head_dim) f32 */
     const float *centroids;       /* (n_clusters_total, head_dim) f32, KV head by KV head */
-    const int32_t *sizes;         /* (n_clusters_total) tokens per cluster, >= 1 */
+    const int32_t *sizes;         /* (n_clusters_total) tokens per cluster, >= 1 (a size of 0
+                                     is accepted and never selected; < 0 is -EINVAL) */
     const int32_t *head_offsets;  /* (n_kv_heads + 1): KV head h owns clusters
                                      [head_offsets[h], head_offsets[h+1]) */
     int n_clusters_total;         /* head_offsets[n_kv_heads] */
@@ -161,9 +191,14 @@ struct ckv_select_args {
     int32_t *sel_clusters;  /* (n_units, max_selected): global cluster indices, best first,
                                ties broken by the lower index */
     int32_t *sel_count;     /* (n_units) clusters selected */
-    int32_t *sel_last_take; /* (n_units) tokens taken from the last one (1..its size) */
+    int32_t *sel_last_take; /* (n_units) tokens taken from the last one (1..its size; 0 when
+                               sel_count is 0, i.e. the head has no non-empty cluster) */
     float *scores;          /* optional (n_units, n_clusters_total) scores of the unit's own
                                KV head's clusters at their global index; NULL: not written */
+    /* Optional, added: the centroids rounded to f16 (ckv_convert), same shape. When set they
+     * are read instead of `centroids` (which may then be NULL): half the bytes of the step's
+     * scoring, scores within ~1e-3 relative of the f32 ones (ckv eval-attn measures recall). */
+    const uint16_t *centroids_f16;
 };
 
 /* Scores every cluster with the raw dot product q . centroid, ranks them correctly (any number
@@ -189,7 +224,9 @@ struct ckv_quest_args {
     int32_t *sel_count;           /* (n_units) = min(n_select, n_pages) */
 };
 
-/* Page score sum_i max(q_i * M_i, q_i * m_i); top n_select pages, the last page forced in. */
+/* Page score sum_i max(q_i * M_i, q_i * m_i); top n_select pages, the last page forced in:
+ * when it does not rank among the top n_select it replaces the worst of them (so it comes
+ * last). Ties go to the lower page index. */
 int ckv_quest_select(ckv_ctx_t *ctx, const struct ckv_quest_args *a);
 
 /* Oracle: per query head the `budget` tokens of largest true attention weight (q . k, which

@@ -16,6 +16,8 @@ struct ckv_cmd {
 static const struct ckv_cmd cmds[] = {
     {"version", ckv_cmd_version, "print the version and the build's backends"},
     {"stats", ckv_cmd_stats, "print the stats of a running daemon (key:value or Prometheus)"},
+    {"eval-attn", ckv_cmd_eval_attn,
+     "attention recall / error / cache hits of ClusterKV and baselines (dumps or synthetic)"},
 };
 
 static void usage(FILE *f)
