@@ -110,3 +110,33 @@ Test(cuda_ctx, convert_is_bit_equal_to_the_scalar_one)
     free(h), free(f), free(f2), free(h2), free(f3);
     ckv_ctx_destroy(&ctx);
 }
+
+/* A CUDA error poisons the context: the failing call and every later one return -EIO, and the
+ * context is still destroyed cleanly. Only the emulation can make a launch fail on purpose
+ * (CKV_CUDA_EMU_FAIL_LAUNCH, kernels/cuda/emu/cuda_emu.h); skipped on a GPU. */
+Test(cuda_ctx, a_cuda_error_poisons_the_context)
+{
+    ckv_ctx_t *ctx = kcuda_ctx();
+    if (!strstr(ckv_ctx_describe(ctx), "cuda_emu"))
+        cr_skip_test("needs the emulation to make a launch fail");
+    float f[64] = {0};
+    float *df = kcuda_up(ctx, f, sizeof(f));
+    uint16_t *dh = kcuda_alloc(ctx, sizeof(f) / 2);
+    cr_assert_eq(ckv_convert(ctx, dh, CKV_DTYPE_F16, df, CKV_DTYPE_F32, 64), 0);
+    setenv("CKV_CUDA_EMU_FAIL_LAUNCH", "1", 1);
+    cr_assert_eq(ckv_convert(ctx, dh, CKV_DTYPE_F16, df, CKV_DTYPE_F32, 64), -EIO);
+    unsetenv("CKV_CUDA_EMU_FAIL_LAUNCH");
+    cr_assert_eq(ckv_convert(ctx, dh, CKV_DTYPE_F16, df, CKV_DTYPE_F32, 64), -EIO);
+    cr_assert_eq(ckv_ctx_sync(ctx), -EIO);
+    cr_assert_eq(ckv_copy_h2d(ctx, df, f, sizeof(f)), -EIO);
+    void *p = NULL;
+    cr_assert_eq(ckv_dev_alloc(ctx, 64, &p), -EIO);
+    ckv_dev_free(ctx, df);
+    ckv_dev_free(ctx, dh);
+    ckv_ctx_destroy(&ctx);
+    cr_assert_null(ctx);
+    /* a new context works */
+    ctx = kcuda_ctx();
+    cr_assert_eq(ckv_ctx_sync(ctx), 0);
+    ckv_ctx_destroy(&ctx);
+}

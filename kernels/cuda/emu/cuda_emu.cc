@@ -209,6 +209,11 @@ cudaError_t emu_run(dim3 grid, dim3 block, const std::function<void()> &body)
         E.last_error = cudaErrorInvalidConfiguration;
         return E.last_error;
     }
+    const char *fail = getenv("CKV_CUDA_EMU_FAIL_LAUNCH");
+    if (fail && strcmp(fail, "1") == 0) {
+        E.last_error = cudaErrorLaunchFailure;
+        return E.last_error;
+    }
     stacks_reserve(n);
     E.fibers.resize(n);
     E.slots.assign((size_t)((n + 31) / 32) * 64, 0);
@@ -290,11 +295,11 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s)
 
 cudaError_t cudaMalloc(void **p, size_t bytes)
 {
-    size_t rounded = (bytes + 255) & ~(size_t)255;
-    void *m = rounded >= bytes ? aligned_alloc(256, rounded ? rounded : 256) : NULL;
-    if (!m)
+    /* exactly `bytes`: a sanitizer build sees a kernel reading one element too far */
+    void *m = NULL;
+    if (posix_memalign(&m, 256, bytes ? bytes : 1) != 0)
         return E.last_error = cudaErrorMemoryAllocation;
-    memset(m, 0xff, rounded);
+    memset(m, 0xff, bytes);
     E.allocs.insert(m);
     *p = m;
     return cudaSuccess;
@@ -355,6 +360,7 @@ const char *cudaGetErrorString(cudaError_t err)
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
     }
     return "unknown error";
 }

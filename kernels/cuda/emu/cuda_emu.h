@@ -61,6 +61,7 @@ enum cudaError {
     cudaErrorMemoryAllocation = 2,
     cudaErrorInvalidConfiguration = 9,
     cudaErrorInvalidDevice = 101,
+    cudaErrorLaunchFailure = 719,
 };
 typedef enum cudaError cudaError_t;
 enum cudaMemcpyKind {
@@ -166,7 +167,9 @@ static inline double __dadd_rn(double a, double b) { return a + b; }
 
 /* ---- launches ---- */
 /* Runs body once per thread of every block of grid x block; returns an error for an invalid
- * configuration (as the GPU would report at cudaGetLastError). */
+ * configuration (as the GPU would report at cudaGetLastError). While the environment has
+ * CKV_CUDA_EMU_FAIL_LAUNCH=1 every launch fails instead (cudaErrorLaunchFailure, a sticky
+ * error on a GPU): the tests of context poisoning use it. */
 cudaError_t emu_run(dim3 grid, dim3 block, const std::function<void()> &body);
 
 template <typename... P, typename... A>
