@@ -425,3 +425,142 @@ Test(cuda_select, oracle_vs_cpu)
     ckv_ctx_destroy(&gpu);
     ckv_ctx_destroy(&cpu);
 }
+
+/* ---- the whole sparse path on the device ---- */
+
+/* k-means of every KV head on the device, its CSR output packed into blocks by the device
+ * (members as the rows), centroids and sizes fed to the device selection with B >= the
+ * clustered tokens, block lists over sinks + selected clusters + window: decode attention
+ * over them equals full attention (both on the device) within ATTN 2e-5, per query head and
+ * per KV head. (ckv_sparse.h assembles the same on the host for CPU contexts.) */
+Test(cuda_select, sparse_path_equals_full_when_budget_covers)
+{
+    ckv_ctx_t *gpu = kcuda_ctx();
+    const int nq = 32, nkv = 8, d = 128, n = 700, sinks = 16, window = 40, C = 9;
+    const int G = nq / nkv, n_clu = n - sinks - window;
+    struct ktest_rng rng = {900};
+    size_t head_el = (size_t)n * d, kv_b = (size_t)nkv * head_el * 2;
+    uint16_t *k = ktest_random_kv(&rng, (size_t)nkv * head_el, CKV_DTYPE_F16, 1.5f);
+    uint16_t *v = ktest_random_kv(&rng, (size_t)nkv * head_el, CKV_DTYPE_F16, 1.0f);
+    float q[32 * 128];
+    ktest_fill_normal(&rng, q, CKV_ARRAY_LEN(q), 1.0f);
+    uint16_t *dk = kcuda_up(gpu, k, kv_b), *dv = kcuda_up(gpu, v, kv_b);
+    float *dq = kcuda_up(gpu, q, sizeof(q));
+    const int max_blocks = nkv * (n / 16 + C + 3);
+    void *dpool = kcuda_alloc(gpu, ckv_block_bytes(d, CKV_DTYPE_F16) * max_blocks);
+    int32_t *rows = malloc(sizeof(int32_t) * n);
+    for (int t = 0; t < n; t++)
+        rows[t] = t;
+    int32_t *drows = kcuda_up(gpu, rows, sizeof(int32_t) * n);
+    /* host layout: per head sinks, clusters, window as runs of slots */
+    int32_t head_off[9] = {0}, sizes[8 * 9], first_slot[8 * 9], sink_slot[8], win_slot[8];
+    float *cen = malloc(sizeof(float) * nkv * C * d);
+    int next = 0, total = 0;
+    float *dcen = kcuda_alloc(gpu, sizeof(float) * C * d);
+    int32_t *dsz = kcuda_alloc(gpu, sizeof(int32_t) * C), *doff = kcuda_alloc(gpu, 4 * (C + 1));
+    int32_t *dmem = kcuda_alloc(gpu, sizeof(int32_t) * n_clu);
+    int32_t slots[64];
+    for (int h = 0; h < nkv; h++) {
+        const uint16_t *kh = dk + (size_t)h * head_el, *vh = dv + (size_t)h * head_el;
+        /* packs n_rows rows (device row indices) into consecutive fresh slots */
+#define PACK(drow_ptr, n_rows, first)                                                              \
+    do {                                                                                           \
+        int nb_ = ((n_rows) + 15) / 16;                                                            \
+        for (int b_ = 0; b_ < nb_; b_++)                                                           \
+            slots[b_] = next + b_;                                                                 \
+        int32_t *ds_ = kcuda_up(gpu, slots, sizeof(int32_t) * nb_);                                \
+        cr_assert_eq(ckv_pack_blocks(gpu, kh, vh, CKV_DTYPE_F16, d, d, (drow_ptr), (n_rows), dpool, \
+                                     ds_),                                                         \
+                     0);                                                                           \
+        ckv_dev_free(gpu, ds_);                                                                    \
+        (first) = next;                                                                            \
+        next += nb_;                                                                               \
+    } while (0)
+        PACK(drows, sinks, sink_slot[h]);
+        struct ckv_kmeans_params kp = {.n_clusters = C, .max_iter = 10, .tol = 0.001f, .seed = 3};
+        struct ckv_kmeans_out o = {dcen, dsz, doff, dmem};
+        int nc = 0;
+        cr_assert_eq(ckv_kmeans(gpu, kh + (size_t)sinks * d, CKV_DTYPE_F16, n_clu, d, d, sinks,
+                                &kp, &o, &nc, NULL),
+                     0);
+        int32_t off[10];
+        cr_assert_eq(ckv_copy_d2h(gpu, off, doff, sizeof(int32_t) * (nc + 1)), 0);
+        cr_assert_eq(ckv_copy_d2h(gpu, sizes + total, dsz, sizeof(int32_t) * nc), 0);
+        cr_assert_eq(ckv_copy_d2h(gpu, cen + (size_t)total * d, dcen, sizeof(float) * nc * d), 0);
+        for (int c = 0; c < nc; c++) /* members are positions: rows of the head's cache */
+            PACK(dmem + off[c], off[c + 1] - off[c], first_slot[total + c]);
+        total += nc;
+        head_off[h + 1] = total;
+        PACK(drows + (n - window), window, win_slot[h]);
+#undef PACK
+    }
+    cr_assert_leq(next, max_blocks);
+    float *dcen_all = kcuda_up(gpu, cen, sizeof(float) * total * d);
+    int32_t *dsizes = kcuda_up(gpu, sizes, sizeof(int32_t) * total);
+    int32_t *dhoff = kcuda_up(gpu, head_off, sizeof(head_off));
+    /* full attention on the device */
+    float full[32 * 128], sparse[32 * 128];
+    struct ckv_attn_full_args fa = {.n_q_heads = nq, .n_kv_heads = nkv, .head_dim = d, .n_ctx = n,
+                                    .q = dq, .k = dk, .v = dv, .dtype = CKV_DTYPE_F16,
+                                    .head_stride = head_el, .token_stride = d,
+                                    .out = kcuda_alloc(gpu, sizeof(full))};
+    cr_assert_eq(ckv_attn_decode_full(gpu, &fa), 0);
+    cr_assert_eq(ckv_copy_d2h(gpu, full, fa.out, sizeof(full)), 0);
+    int32_t *dsel = kcuda_alloc(gpu, sizeof(int32_t) * nq * C);
+    int32_t *dcnt = kcuda_alloc(gpu, 4 * nq), *dlast = kcuda_alloc(gpu, 4 * nq);
+    struct ckv_block_ref *refs = malloc(sizeof(*refs) * nq * (max_blocks + 1));
+    int32_t loffs[33];
+    for (int mode = CKV_SELECT_PER_QHEAD; mode <= CKV_SELECT_KVHEAD_MAX; mode++) {
+        int n_units = mode == CKV_SELECT_PER_QHEAD ? nq : nkv, hpl = nq / n_units;
+        struct ckv_select_args sa = {.n_q_heads = nq, .n_kv_heads = nkv, .head_dim = d,
+                                     .mode = (enum ckv_select_mode)mode, .q = dq,
+                                     .centroids = dcen_all, .sizes = dsizes,
+                                     .head_offsets = dhoff, .n_clusters_total = total,
+                                     .budget = n_clu + 7, .max_selected = C, .sel_clusters = dsel,
+                                     .sel_count = dcnt, .sel_last_take = dlast};
+        cr_assert_eq(ckv_select_clusters(gpu, &sa), 0);
+        int32_t sel[32 * 9], cnt[32], last[32];
+        cr_assert_eq(ckv_copy_d2h(gpu, sel, dsel, sizeof(int32_t) * n_units * C), 0);
+        cr_assert_eq(ckv_copy_d2h(gpu, cnt, dcnt, sizeof(int32_t) * n_units), 0);
+        cr_assert_eq(ckv_copy_d2h(gpu, last, dlast, sizeof(int32_t) * n_units), 0);
+        int nr = 0;
+        loffs[0] = 0;
+        for (int u = 0; u < n_units; u++) {
+            int h = mode == CKV_SELECT_PER_QHEAD ? u / G : u;
+            /* adds the blocks of the first `tokens` tokens of a run of slots */
+#define RUN(first, tokens)                                                                         \
+    for (int t_ = 0; t_ < (tokens); t_ += 16)                                                      \
+        refs[nr++] = (struct ckv_block_ref){(first) + t_ / 16,                                     \
+                                            (tokens) - t_ < 16 ? (tokens) - t_ : 16};
+            RUN(sink_slot[h], sinks);
+            cr_assert_eq(cnt[u], head_off[h + 1] - head_off[h], "the budget covers every cluster");
+            for (int i = 0; i < cnt[u]; i++) {
+                int c = sel[u * C + i];
+                int take = i == cnt[u] - 1 ? last[u] : sizes[c];
+                RUN(first_slot[c], take);
+            }
+            RUN(win_slot[h], window);
+#undef RUN
+            loffs[u + 1] = nr;
+        }
+        struct ckv_attn_blocks_args ba = {.n_q_heads = nq, .head_dim = d, .n_lists = n_units,
+                                          .heads_per_list = hpl, .q = dq, .pool = dpool,
+                                          .dtype = CKV_DTYPE_F16,
+                                          .refs = kcuda_up(gpu, refs, sizeof(*refs) * nr),
+                                          .list_offsets = kcuda_up(gpu, loffs, 4 * (n_units + 1)),
+                                          .out = kcuda_alloc(gpu, sizeof(sparse))};
+        cr_assert_eq(ckv_attn_decode_blocks(gpu, &ba), 0);
+        cr_assert_eq(ckv_copy_d2h(gpu, sparse, ba.out, sizeof(sparse)), 0);
+        float err = ktest_max_abs_diff(sparse, full, CKV_ARRAY_LEN(full), NULL);
+        cr_assert(err <= 2e-5f, "mode %d: sparse vs full %g", mode, err);
+        ckv_dev_free(gpu, (void *)ba.refs), ckv_dev_free(gpu, (void *)ba.list_offsets);
+        ckv_dev_free(gpu, ba.out);
+    }
+    ckv_dev_free(gpu, dk), ckv_dev_free(gpu, dv), ckv_dev_free(gpu, dq), ckv_dev_free(gpu, dpool);
+    ckv_dev_free(gpu, drows), ckv_dev_free(gpu, dcen), ckv_dev_free(gpu, dsz);
+    ckv_dev_free(gpu, doff), ckv_dev_free(gpu, dmem), ckv_dev_free(gpu, dcen_all);
+    ckv_dev_free(gpu, dsizes), ckv_dev_free(gpu, dhoff), ckv_dev_free(gpu, fa.out);
+    ckv_dev_free(gpu, dsel), ckv_dev_free(gpu, dcnt), ckv_dev_free(gpu, dlast);
+    free(k), free(v), free(rows), free(cen), free(refs);
+    ckv_ctx_destroy(&gpu);
+}
