@@ -328,25 +328,13 @@ static int full_run(struct cuda_backend *cb, const struct ckv_attn_full_args *a)
     return attn_merge(cb, p.part, p.n_splits, a->n_q_heads, p.d, a->out, a->lse);
 }
 
-/* Calls run<T, EPL> for the dtype and head_dim (kernels.c bounded head_dim by 512). */
-#define ATTN_DISPATCH(run, dtype, d, ...)                                                          \
-    ((dtype) == CKV_DTYPE_F16                                                                      \
-         ? ((d) <= 64    ? run<uint16_t, 2>(__VA_ARGS__)                                           \
-            : (d) <= 128 ? run<uint16_t, 4>(__VA_ARGS__)                                           \
-            : (d) <= 256 ? run<uint16_t, 8>(__VA_ARGS__)                                           \
-                         : run<uint16_t, 16>(__VA_ARGS__))                                         \
-         : ((d) <= 64    ? run<float, 2>(__VA_ARGS__)                                              \
-            : (d) <= 128 ? run<float, 4>(__VA_ARGS__)                                              \
-            : (d) <= 256 ? run<float, 8>(__VA_ARGS__)                                              \
-                         : run<float, 16>(__VA_ARGS__)))
-
 extern "C" int cuda_attn_decode_full(struct ckv_ctx *ctx, const struct ckv_attn_full_args *a)
 {
     struct cuda_backend *cb;
     int rc = cuda_enter(ctx, &cb);
     if (rc)
         return rc;
-    return ATTN_DISPATCH(full_run, a->dtype, a->head_dim, cb, a);
+    return DEV_DISPATCH(full_run, a->dtype == CKV_DTYPE_F16, a->head_dim, cb, a);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -475,7 +463,7 @@ extern "C" int cuda_attn_decode_blocks(struct ckv_ctx *ctx, const struct ckv_att
         return rc;
     if (st.bad)
         return -EINVAL;
-    return ATTN_DISPATCH(blocks_run, a->dtype, a->head_dim, cb, a, st.max);
+    return DEV_DISPATCH(blocks_run, a->dtype == CKV_DTYPE_F16, a->head_dim, cb, a, st.max);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -621,5 +609,5 @@ extern "C" int cuda_attn_prefill(struct ckv_ctx *ctx, const struct ckv_attn_pref
     int rc = cuda_enter(ctx, &cb);
     if (rc)
         return rc;
-    return ATTN_DISPATCH(prefill_run, a->dtype, a->head_dim, cb, a);
+    return DEV_DISPATCH(prefill_run, a->dtype == CKV_DTYPE_F16, a->head_dim, cb, a);
 }

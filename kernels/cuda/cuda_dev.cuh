@@ -122,6 +122,19 @@ static inline bool dev_vec_ok(const void *base, int d, size_t stride_a, size_t s
            (uintptr_t)base % (V * sizeof(T)) == 0;
 }
 
+/* Calls run<T, EPL>(...) for the KV or centroid dtype (f16: T = uint16_t, else float) and the
+ * lane elements EPL that head_dim d needs (2, 4, 8, 16 for d <= 64, 128, 256, 512; kernels.c
+ * bounds d by CKV_MAX_HEAD_DIM = 512). */
+#define DEV_DISPATCH(run, f16, d, ...)                                                             \
+    ((f16) ? ((d) <= 64    ? run<uint16_t, 2>(__VA_ARGS__)                                          \
+              : (d) <= 128 ? run<uint16_t, 4>(__VA_ARGS__)                                          \
+              : (d) <= 256 ? run<uint16_t, 8>(__VA_ARGS__)                                          \
+                           : run<uint16_t, 16>(__VA_ARGS__))                                        \
+           : ((d) <= 64    ? run<float, 2>(__VA_ARGS__)                                             \
+              : (d) <= 128 ? run<float, 4>(__VA_ARGS__)                                             \
+              : (d) <= 256 ? run<float, 8>(__VA_ARGS__)                                             \
+                           : run<float, 16>(__VA_ARGS__)))
+
 /* Sum over the warp; every lane gets the same bits (a butterfly: each step adds the same two
  * values on both partners, and IEEE addition is commutative), so branches on it are uniform. */
 static __device__ __forceinline__ float dev_warp_sum(float x)

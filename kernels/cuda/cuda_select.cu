@@ -208,17 +208,6 @@ static int select_score_run(struct cuda_backend *cb, struct select_params p, int
     return 0;
 }
 
-/* Calls run<T, EPL> for the dtype and head_dim (at most CKV_MAX_HEAD_DIM = 512). */
-#define SEL_DISPATCH(run, f16, d, ...)                                                             \
-    ((f16) ? ((d) <= 64    ? run<uint16_t, 2>(__VA_ARGS__)                                          \
-              : (d) <= 128 ? run<uint16_t, 4>(__VA_ARGS__)                                          \
-              : (d) <= 256 ? run<uint16_t, 8>(__VA_ARGS__)                                          \
-                           : run<uint16_t, 16>(__VA_ARGS__))                                        \
-           : ((d) <= 64    ? run<float, 2>(__VA_ARGS__)                                             \
-              : (d) <= 128 ? run<float, 4>(__VA_ARGS__)                                             \
-              : (d) <= 256 ? run<float, 8>(__VA_ARGS__)                                             \
-                           : run<float, 16>(__VA_ARGS__)))
-
 extern "C" int cuda_select_clusters(struct ckv_ctx *ctx, const struct ckv_select_args *a)
 {
     struct cuda_backend *cb;
@@ -267,7 +256,7 @@ extern "C" int cuda_select_clusters(struct ckv_ctx *ctx, const struct ckv_select
     p.d = a->head_dim;
     p.total = total;
     p.mode = a->mode;
-    if ((rc = SEL_DISPATCH(select_score_run, f16, p.d, cb, p, a->n_kv_heads, max_head)))
+    if ((rc = DEV_DISPATCH(select_score_run, f16, p.d, cb, p, a->n_kv_heads, max_head)))
         return rc;
     if ((rc = cuda_rank_sort(cb, &t)))
         return rc;
@@ -490,7 +479,7 @@ extern "C" int cuda_oracle_topk(struct ckv_ctx *ctx, const float *q, const void 
     p.G = n_q_heads / n_kv_heads;
     p.d = head_dim;
     p.n_ctx = n_ctx;
-    if ((rc = SEL_DISPATCH(oracle_score_run, dtype == CKV_DTYPE_F16, head_dim, cb, p, n_kv_heads)))
+    if ((rc = DEV_DISPATCH(oracle_score_run, dtype == CKV_DTYPE_F16, head_dim, cb, p, n_kv_heads)))
         return rc;
     if ((rc = cuda_rank_sort(cb, &t)))
         return rc;
