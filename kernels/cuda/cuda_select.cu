@@ -102,9 +102,9 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_score(struct select
     const int h = blockIdx.x, G = p.G, d = p.d;
     const int c0 = p.offs[h], nc = p.offs[h + 1] - c0;
     const int n_units_h = p.mode == CKV_SELECT_PER_QHEAD ? G : 1;
-    if (blockIdx.y == 0 && (int)threadIdx.x < n_units_h) {
-        int u = p.mode == CKV_SELECT_PER_QHEAD ? h * G + threadIdx.x : h;
-        int base = unit_key_base(p.mode, threadIdx.x, G, c0, nc);
+    for (int r = threadIdx.x; blockIdx.y == 0 && r < n_units_h; r += blockDim.x) {
+        int u = p.mode == CKV_SELECT_PER_QHEAD ? h * G + r : h; /* (groups may exceed a CTA) */
+        int base = unit_key_base(p.mode, r, G, c0, nc);
         p.seg_begin[u] = base;
         p.seg_end[u] = base + nc;
     }

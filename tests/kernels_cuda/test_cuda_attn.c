@@ -103,6 +103,7 @@ Test(cuda_attn, decode_full_vs_cpu)
         {2, 1, 256, 300, CKV_DTYPE_F32, 0, 1.0f},  /* head_dim 256 */
         {2, 2, 512, 70, CKV_DTYPE_F16, 0, 0.5f},   /* head_dim 512 (the maximum) */
         {3, 1, 33, 50, CKV_DTYPE_F32, 0, 1.0f},    /* odd head_dim */
+        {160, 1, 64, 90, CKV_DTYPE_F16, 0, 1.0f},  /* a group of 160: 20 row groups */
     };
     ckv_ctx_t *gpu = kcuda_ctx(), *cpu = kcuda_cpu();
     for (size_t c = 0; c < CKV_ARRAY_LEN(cases); c++)

@@ -126,8 +126,9 @@ static void run_select_case(ckv_ctx_t *gpu, ckv_ctx_t *cpu, const struct sel_cas
     int32_t *dcnt = kcuda_alloc(gpu, sizeof(int32_t) * c->nq);
     int32_t *dlast = kcuda_alloc(gpu, sizeof(int32_t) * c->nq);
     float *dscores = kcuda_alloc(gpu, sizeof(float) * (size_t)c->nq * T);
-    int32_t *csel = malloc(sizeof(int32_t) * sel_n), ccnt[64], clast[64];
-    int32_t *rsel = malloc(sizeof(int32_t) * sel_n), rcnt[64], rlast[64];
+    int32_t *csel = malloc(sizeof(int32_t) * sel_n), ccnt[256], clast[256];
+    int32_t *rsel = malloc(sizeof(int32_t) * sel_n), rcnt[256], rlast[256];
+    cr_assert_leq(c->nq, 256);
     float *cscores = malloc(sizeof(float) * (size_t)c->nq * T);
     float *rscores = malloc(sizeof(float) * (size_t)c->nq * T);
     static const int budgets[] = {1, 15, 17, 100, 1000, 5000, 1000000};
@@ -197,6 +198,7 @@ Test(cuda_select, clusters_vs_cpu)
         {32, 4, 128, 77, 0, 0},  /* group 8 */
         {9, 3, 64, 5, 0, 1},     /* few clusters: budget exceeds the head */
         {4, 2, 80, 40, 0, 0},    /* head_dim 80: scalar row layout */
+        {160, 1, 64, 50, 0, 1},  /* a group of 160 query heads: more units than a CTA's threads */
     };
     ckv_ctx_t *gpu = kcuda_ctx(), *cpu = kcuda_cpu();
     for (size_t c = 0; c < CKV_ARRAY_LEN(cases); c++)
