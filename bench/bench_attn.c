@@ -37,12 +37,12 @@
 #include "ckv_sparse.h"
 #include "kernels.h"
 
-#define NQ 32
-#define NKV 8
-#define HD 128
+#define NQ           32
+#define NKV          8
+#define HD           128
 #define MAX_CONTEXTS 8
-#define MAX_BUDGETS 8
-#define FLUSH_BYTES (64u << 20)
+#define MAX_BUDGETS  8
+#define FLUSH_BYTES  (64u << 20)
 
 static const char *const isa_names[] = {"auto", "portable", "avx2", "avx512", NULL};
 
@@ -153,8 +153,7 @@ static void *bw_thread(void *arg)
 }
 
 /* Seconds of one memcpy (bytes copied) or one read pass over `bytes`, on n_threads threads. */
-static double bandwidth_once(char *dst, const char *src, size_t bytes, int n_threads,
-                             int read_only)
+static double bandwidth_once(char *dst, const char *src, size_t bytes, int n_threads, int read_only)
 {
     pthread_t th[64];
     struct bw_job jobs[64];
@@ -175,8 +174,8 @@ static double bandwidth_once(char *dst, const char *src, size_t bytes, int n_thr
 struct budget_row {
     int budget;
     double ckv_ms_kv, ckv_ms_sum, ckv_ms_q; /* per KV head (max, sum), per query head */
-    double sel_ms_kv;             /* of the KV-head (max) figure: score + select + lists */
-    double tokens_kv, tokens_q;   /* tokens attended per unit (mean) */
+    double sel_ms_kv;           /* of the KV-head (max) figure: score + select + lists */
+    double tokens_kv, tokens_q; /* tokens attended per unit (mean) */
 };
 
 struct ctx_row {
@@ -223,27 +222,43 @@ static void runner_free(struct ckv_runner *x)
 
 /* One decode step as the engine runs it: score + select, block lists, block attention. */
 static int runner_step(struct ckv_runner *x, ckv_ctx_t *ctx, const struct ckv_sparse_layout *l,
-                       const float *cen, const uint16_t *cen16, const void *pool,
-                       enum ckv_dtype dt, const float *q, int r)
+                       const float *cen, const uint16_t *cen16, const void *pool, enum ckv_dtype dt,
+                       const float *q, int r)
 {
     const int G = NQ / NKV;
     float out[NQ * HD];
     uint64_t t0 = ckv_now_ns();
-    struct ckv_select_args sa = {
-        .n_q_heads = NQ, .n_kv_heads = NKV, .head_dim = HD, .mode = x->mode, .q = q,
-        .centroids = cen, .sizes = l->sizes, .head_offsets = l->head_offsets,
-        .n_clusters_total = l->n_clusters_total, .budget = x->budget, .max_selected = x->max_sel,
-        .sel_clusters = x->sel, .sel_count = x->cnt, .sel_last_take = x->last,
-        .centroids_f16 = cen16};
+    struct ckv_select_args sa = {.n_q_heads = NQ,
+                                 .n_kv_heads = NKV,
+                                 .head_dim = HD,
+                                 .mode = x->mode,
+                                 .q = q,
+                                 .centroids = cen,
+                                 .sizes = l->sizes,
+                                 .head_offsets = l->head_offsets,
+                                 .n_clusters_total = l->n_clusters_total,
+                                 .budget = x->budget,
+                                 .max_selected = x->max_sel,
+                                 .sel_clusters = x->sel,
+                                 .sel_count = x->cnt,
+                                 .sel_last_take = x->last,
+                                 .centroids_f16 = cen16};
     int rc = ckv_select_clusters(ctx, &sa);
     if (rc == 0)
         rc = ckv_sparse_lists(l, x->mode, NQ, x->sel, x->cnt, x->last, x->max_sel, x->refs,
                               x->refs_cap, x->offs);
     uint64_t t1 = ckv_now_ns();
     int hpl = x->mode == CKV_SELECT_PER_QHEAD ? 1 : G;
-    struct ckv_attn_blocks_args ba = {.n_q_heads = NQ, .head_dim = HD, .n_lists = NQ / hpl,
-                                      .heads_per_list = hpl, .q = q, .pool = pool, .dtype = dt,
-                                      .refs = x->refs, .list_offsets = x->offs, .out = out};
+    struct ckv_attn_blocks_args ba = {.n_q_heads = NQ,
+                                      .head_dim = HD,
+                                      .n_lists = NQ / hpl,
+                                      .heads_per_list = hpl,
+                                      .q = q,
+                                      .pool = pool,
+                                      .dtype = dt,
+                                      .refs = x->refs,
+                                      .list_offsets = x->offs,
+                                      .out = out};
     if (rc == 0)
         rc = ckv_attn_decode_blocks(ctx, &ba);
     uint64_t t2 = ckv_now_ns();
@@ -316,12 +331,12 @@ static int run_context(ckv_ctx_t *ctx, const struct bench_cfg *cfg, int n, const
     if (!rc)
         rc = ckv_dev_alloc(ctx, ckv_block_bytes(HD, qkv.dtype) * slots, &pool);
     double km[NKV], it = 0;
-    struct ckv_kmeans_params kp = {.n_clusters = CKV_MAX(C, 1), .max_iter = cfg->kmeans_iter,
-                                   .tol = 0.001f, .seed = 7};
+    struct ckv_kmeans_params kp = {
+        .n_clusters = CKV_MAX(C, 1), .max_iter = cfg->kmeans_iter, .tol = 0.001f, .seed = 7};
     for (int h = 0; rc == 0 && h < NKV; h++) {
-        rc = ckv_sparse_add_head(ctx, &l, h, (char *)k + h * head_bytes,
-                                 (char *)v + h * head_bytes, qkv.dtype, HD, HD, n, cfg->sinks,
-                                 cfg->window, &kp, cen, pool, slots);
+        rc = ckv_sparse_add_head(ctx, &l, h, (char *)k + h * head_bytes, (char *)v + h * head_bytes,
+                                 qkv.dtype, HD, HD, n, cfg->sinks, cfg->window, &kp, cen, pool,
+                                 slots);
         km[h] = l.last_kmeans_ms;
         it += l.last_kmeans_iters;
     }
@@ -358,9 +373,16 @@ static int run_context(ckv_ctx_t *ctx, const struct bench_cfg *cfg, int n, const
         flush_caches();
         t_rd[r] = bandwidth_once(NULL, bw_a, bw_bytes, ckv_ctx_n_threads(ctx), 1);
         const float *q = qkv.q + (size_t)r * NQ * HD;
-        struct ckv_attn_full_args fa = {.n_q_heads = NQ, .n_kv_heads = NKV, .head_dim = HD,
-                                        .n_ctx = n, .q = q, .k = k, .v = v, .dtype = qkv.dtype,
-                                        .head_stride = (size_t)n * HD, .token_stride = HD,
+        struct ckv_attn_full_args fa = {.n_q_heads = NQ,
+                                        .n_kv_heads = NKV,
+                                        .head_dim = HD,
+                                        .n_ctx = n,
+                                        .q = q,
+                                        .k = k,
+                                        .v = v,
+                                        .dtype = qkv.dtype,
+                                        .head_stride = (size_t)n * HD,
+                                        .token_stride = HD,
                                         .out = out};
         flush_caches();
         uint64_t t0 = ckv_now_ns();
@@ -421,9 +443,9 @@ static void print_tables(const struct ctx_row *rows, int n_rows, const char *des
            "| full / read |\n|---|---|---|---|---|---|---|---|\n");
     for (int i = 0; i < n_rows; i++) {
         const struct ctx_row *r = &rows[i];
-        printf("| %d | %.0f | %.2f | %.1f | %.1f | %.0f%% | %.1f | %.0f%% |\n", r->n_ctx,
-               r->kv_mib, r->full_ms, r->full_gbs, r->memcpy_gbs,
-               100.0 * r->full_gbs / r->memcpy_gbs, r->read_gbs, 100.0 * r->full_gbs / r->read_gbs);
+        printf("| %d | %.0f | %.2f | %.1f | %.1f | %.0f%% | %.1f | %.0f%% |\n", r->n_ctx, r->kv_mib,
+               r->full_ms, r->full_gbs, r->memcpy_gbs, 100.0 * r->full_gbs / r->memcpy_gbs,
+               r->read_gbs, 100.0 * r->full_gbs / r->read_gbs);
     }
     printf("\n| context | budget | full ms | ClusterKV per KV head (max) ms | speedup | of which "
            "select ms | per KV head (sum) ms | speedup | per q head ms | speedup |\n"
@@ -440,8 +462,8 @@ static void print_tables(const struct ctx_row *rows, int n_rows, const char *des
     printf("\n| context | clusters per KV head | k-means ms per (layer, KV head) | iterations "
            "|\n|---|---|---|---|\n");
     for (int i = 0; i < n_rows; i++)
-        printf("| %d | %d | %.1f | %.1f |\n", rows[i].n_ctx, rows[i].n_clusters,
-               rows[i].kmeans_ms, rows[i].kmeans_iters);
+        printf("| %d | %d | %.1f | %.1f |\n", rows[i].n_ctx, rows[i].n_clusters, rows[i].kmeans_ms,
+               rows[i].kmeans_iters);
     printf("\nmedians of the timed calls; reproduce with:\n  %s\n", command);
 }
 
@@ -454,8 +476,9 @@ static int write_json(const char *path, const struct ctx_row *rows, int n_rows,
     fprintf(f, "{\n  \"bench\": \"ckv-bench-attn\",\n  \"backend\": \"%s\",\n", describe);
     fprintf(f, "  \"centroids\": \"%s\",\n", centroids);
     fprintf(f, "  \"command\": \"%s\",\n", command);
-    fprintf(f, "  \"shape\": {\"n_q_heads\": %d, \"n_kv_heads\": %d, \"head_dim\": %d, "
-               "\"kv_dtype\": \"f16\"},\n",
+    fprintf(f,
+            "  \"shape\": {\"n_q_heads\": %d, \"n_kv_heads\": %d, \"head_dim\": %d, "
+            "\"kv_dtype\": \"f16\"},\n",
             NQ, NKV, HD);
     for (int i = 0; i < n_rows; i++) {
         const struct ctx_row *r = &rows[i];
@@ -515,8 +538,7 @@ int main(int argc, char **argv)
             ckv_buf_free(&u);
             return 0;
         }
-    if (ckv_config_load(bench_options, &cfg, argc - 1, argv + 1, NULL, 0, NULL, err,
-                        sizeof(err))) {
+    if (ckv_config_load(bench_options, &cfg, argc - 1, argv + 1, NULL, 0, NULL, err, sizeof(err))) {
         fprintf(stderr, "ckv-bench-attn: %s\n", err);
         return 2;
     }
@@ -531,8 +553,8 @@ int main(int argc, char **argv)
     struct ckv_buf cmd = {0};
     for (int i = 0; i < argc; i++)
         ckv_buf_printf(&cmd, "%s%s", i ? " " : "", i ? argv[i] : "build/bin/ckv-bench-attn");
-    struct ckv_ctx_opts o = {.backend = CKV_BACKEND_CPU, .n_threads = cfg.threads,
-                             .isa = (enum ckv_cpu_isa)cfg.isa};
+    struct ckv_ctx_opts o = {
+        .backend = CKV_BACKEND_CPU, .n_threads = cfg.threads, .isa = (enum ckv_cpu_isa)cfg.isa};
     ckv_ctx_t *ctx = NULL;
     int rc = ckv_ctx_new(&o, &ctx);
     if (rc) {

@@ -61,7 +61,7 @@ CKV_HALF_FN uint16_t ckv_half_from_f32(float f)
         return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0));
     if (ax >= 0x477ff000u) /* rounds to >= 65520: overflow */
         return (uint16_t)(sign | 0x7c00u);
-    if (ax < 0x38800000u) { /* below 2^-14: subnormal half or zero */
+    if (ax < 0x38800000u) {   /* below 2^-14: subnormal half or zero */
         if (ax < 0x33000000u) /* below 2^-25: rounds to zero */
             return (uint16_t)sign;
         uint32_t e = ax >> 23;

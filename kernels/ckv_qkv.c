@@ -25,8 +25,8 @@
 #include "ckv_rng.h"
 
 #define QKV_HEADER_BYTES 64
-#define QKV_MAX_HEADS 1024
-#define QKV_MAX_TOKENS (1 << 22) /* 4M tokens per layer */
+#define QKV_MAX_HEADS    1024
+#define QKV_MAX_TOKENS   (1 << 22) /* 4M tokens per layer */
 
 static uint32_t rd32(const unsigned char *p)
 {
@@ -54,8 +54,8 @@ __attribute__((format(printf, 3, 4))) static int fail(char *err, size_t errlen, 
 static long first_nonfinite(const void *p, enum ckv_dtype dt, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
-        float x = dt == CKV_DTYPE_F16 ? ckv_half_to_f32(((const uint16_t *)p)[i])
-                                      : ((const float *)p)[i];
+        float x =
+            dt == CKV_DTYPE_F16 ? ckv_half_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
         if (!isfinite(x))
             return (long)i;
     }
@@ -162,13 +162,12 @@ int ckv_qkv_read(const char *path, struct ckv_qkv *out, char *err, size_t errlen
         for (uint32_t hh = 0; hh < nkv; hh++)
             if (fread(dst + ckv_qkv_kv_index(out, (int)hh, 0) * esz, esz, (size_t)np * d, f) !=
                 (size_t)np * d) {
-                rc = fail(err, errlen, "%s: short read in the prompt %s", path,
-                          which ? "V" : "K");
+                rc = fail(err, errlen, "%s: short read in the prompt %s", path, which ? "V" : "K");
                 goto out_free;
             }
         for (uint32_t hh = 0; hh < nkv; hh++) {
-            long bad = first_nonfinite(dst + ckv_qkv_kv_index(out, (int)hh, 0) * esz,
-                                       out->dtype, (size_t)np * d);
+            long bad = first_nonfinite(dst + ckv_qkv_kv_index(out, (int)hh, 0) * esz, out->dtype,
+                                       (size_t)np * d);
             if (bad >= 0) {
                 rc = fail(err, errlen, "%s: prompt %s head %u token %ld holds a non-finite value",
                           path, which ? "V" : "K", hh, bad / (long)d);
@@ -204,8 +203,8 @@ int ckv_qkv_read(const char *path, struct ckv_qkv *out, char *err, size_t errlen
                     goto out_free;
                 }
                 if (first_nonfinite(row, out->dtype, d) >= 0) {
-                    rc = fail(err, errlen, "%s: step %llu: non-finite value in %s of head %u",
-                              path, (unsigned long long)s, which ? "v" : "k", hh);
+                    rc = fail(err, errlen, "%s: step %llu: non-finite value in %s of head %u", path,
+                              (unsigned long long)s, which ? "v" : "k", hh);
                     goto out_free;
                 }
             }
@@ -346,12 +345,21 @@ static float synth_normal(struct synth_rng *r)
 void ckv_qkv_synth_defaults(struct ckv_qkv_synth_params *p, int n_q_heads, int n_kv_heads,
                             int head_dim, int n_prompt, int n_steps)
 {
-    *p = (struct ckv_qkv_synth_params){
-        .n_q_heads = n_q_heads, .n_kv_heads = n_kv_heads, .head_dim = head_dim,
-        .n_prompt = n_prompt, .n_steps = n_steps, .dtype = CKV_DTYPE_F16,
-        .n_topics = n_prompt / 256 < 16 ? 16 : n_prompt / 256 > 1024 ? 1024 : n_prompt / 256,
-        .key_noise = 0.8f, .query_gain = 12.0f, .query_topics = 3, .group_share = 0.5f,
-        .drift = 0.02f, .seed = 1};
+    *p = (struct ckv_qkv_synth_params){.n_q_heads = n_q_heads,
+                                       .n_kv_heads = n_kv_heads,
+                                       .head_dim = head_dim,
+                                       .n_prompt = n_prompt,
+                                       .n_steps = n_steps,
+                                       .dtype = CKV_DTYPE_F16,
+                                       .n_topics = n_prompt / 256 < 16     ? 16
+                                                   : n_prompt / 256 > 1024 ? 1024
+                                                                           : n_prompt / 256,
+                                       .key_noise = 0.8f,
+                                       .query_gain = 12.0f,
+                                       .query_topics = 3,
+                                       .group_share = 0.5f,
+                                       .drift = 0.02f,
+                                       .seed = 1};
 }
 
 /* A topic index drawn with Zipf-like popularity (weight 1 / (j + 1)^0.8, by inversion of a

@@ -20,8 +20,8 @@
 
 #include "kernels.h"
 
-#define CKV_QKV_MAGIC "CKVQKV01"
-#define CKV_QKV_VERSION 1
+#define CKV_QKV_MAGIC      "CKVQKV01"
+#define CKV_QKV_VERSION    1
 #define CKV_QKV_STEP_MAGIC 0x50455453u /* "STEP" little-endian */
 
 struct ckv_qkv {
@@ -75,14 +75,14 @@ struct ckv_qkv_synth_params {
     int n_q_heads, n_kv_heads, head_dim;
     int n_prompt, n_steps;
     enum ckv_dtype dtype;
-    int n_topics;         /* directions per KV head keys are drawn around; default one per
-                             256 prompt tokens, at least 16, at most 1024 */
-    float key_noise;      /* noise around the topic, relative to it; default 0.8 */
-    float query_gain;     /* scaled score (logit) a query gives keys of its topics, split
-                             over them as 1, 1/2, 1/3...: how peaked attention is; 12 */
-    int query_topics;     /* topics a query mixes; default 3 */
-    float group_share;    /* chance a query head's topic is its group's shared one; 0.5 */
-    float drift;          /* chance per step and topic that a query topic changes; 0.02 */
+    int n_topics;      /* directions per KV head keys are drawn around; default one per
+                          256 prompt tokens, at least 16, at most 1024 */
+    float key_noise;   /* noise around the topic, relative to it; default 0.8 */
+    float query_gain;  /* scaled score (logit) a query gives keys of its topics, split
+                          over them as 1, 1/2, 1/3...: how peaked attention is; 12 */
+    int query_topics;  /* topics a query mixes; default 3 */
+    float group_share; /* chance a query head's topic is its group's shared one; 0.5 */
+    float drift;       /* chance per step and topic that a query topic changes; 0.02 */
     uint64_t seed;
 };
 

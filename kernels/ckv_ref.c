@@ -101,9 +101,8 @@ int ckv_ref_attn_decode_full(const struct ckv_attn_full_args *a)
     for (int qh = 0; qh < a->n_q_heads; qh++) {
         size_t h = (size_t)(qh / G) * a->head_stride;
         ckv_ref_attn_tokens(a->q + (size_t)qh * d, row_at(a->k, a->dtype, h),
-                            row_at(a->v, a->dtype, h), a->dtype, d, a->token_stride, tok,
-                            a->n_ctx, a->scale, a->out + (size_t)qh * d,
-                            a->lse ? a->lse + qh : NULL);
+                            row_at(a->v, a->dtype, h), a->dtype, d, a->token_stride, tok, a->n_ctx,
+                            a->scale, a->out + (size_t)qh * d, a->lse ? a->lse + qh : NULL);
     }
     free(tok);
     return 0;
@@ -131,8 +130,8 @@ int ckv_ref_attn_decode_blocks(const struct ckv_attn_blocks_args *a)
         }
         for (int r = 0; r < a->heads_per_list; r++) {
             int qh = l * a->heads_per_list + r;
-            attend(a->q + (size_t)qh * d, kr, vr, n, a->dtype, d, a->scale,
-                   a->out + (size_t)qh * d, a->lse ? a->lse + qh : NULL);
+            attend(a->q + (size_t)qh * d, kr, vr, n, a->dtype, d, a->scale, a->out + (size_t)qh * d,
+                   a->lse ? a->lse + qh : NULL);
         }
         free(kr);
         free(vr);
@@ -331,8 +330,8 @@ int ckv_ref_kmeans(const void *keys, enum ckv_dtype dtype, int n_tokens, int hea
             double s = 0;
             for (int i = 0; i < n; i++)
                 if (label[i] == c)
-                    s += ckv_ref_elem(row_at(keys, dtype, (size_t)i * row_stride), dtype,
-                                      (size_t)t);
+                    s +=
+                        ckv_ref_elem(row_at(keys, dtype, (size_t)i * row_stride), dtype, (size_t)t);
             out->centroids[(size_t)o * d + t] = (float)(s / count[c]);
         }
         for (int i = 0; i < n; i++)
@@ -430,8 +429,8 @@ int ckv_ref_quest_page_bounds(const void *keys, enum ckv_dtype dtype, int n_toke
             double mn = INFINITY, mx = -INFINITY;
             for (int t = p * CKV_BLOCK_TOKENS; t < n_tokens && t < (p + 1) * CKV_BLOCK_TOKENS;
                  t++) {
-                double x = ckv_ref_elem(row_at(keys, dtype, (size_t)t * row_stride), dtype,
-                                        (size_t)i);
+                double x =
+                    ckv_ref_elem(row_at(keys, dtype, (size_t)t * row_stride), dtype, (size_t)i);
                 mn = x < mn ? x : mn;
                 mx = x > mx ? x : mx;
             }

@@ -117,8 +117,8 @@ int ckv_sparse_add_head(ckv_ctx_t *ctx, struct ckv_sparse_layout *l, int h, cons
                             pool, &l->first_slot[c0 + c]);
     }
     if (rc == 0)
-        rc = pack_range(ctx, l, k, v, dtype, head_dim, token_stride, rows + sinks + n_clu,
-                        window, pool_slots, pool, &l->window_slot[h]);
+        rc = pack_range(ctx, l, k, v, dtype, head_dim, token_stride, rows + sinks + n_clu, window,
+                        pool_slots, pool, &l->window_slot[h]);
     l->n_window[h] = window;
     free(rows);
     if (rc)
@@ -135,8 +135,8 @@ static int range_refs(int32_t first, int n, struct ckv_block_ref *refs)
 {
     int nb = blocks_of(n);
     for (int b = 0; b < nb; b++)
-        refs[b] = (struct ckv_block_ref){first + b, b == nb - 1 ? n - b * CKV_BLOCK_TOKENS
-                                                                : CKV_BLOCK_TOKENS};
+        refs[b] = (struct ckv_block_ref){first + b,
+                                         b == nb - 1 ? n - b * CKV_BLOCK_TOKENS : CKV_BLOCK_TOKENS};
     return nb;
 }
 

@@ -24,18 +24,18 @@
 
 struct ckv_sparse_layout {
     int n_kv_heads;
-    int cap_clusters, cap_tokens;  /* capacities of the cluster and member arrays */
+    int cap_clusters, cap_tokens; /* capacities of the cluster and member arrays */
     int n_clusters_total;
-    int32_t *head_offsets;  /* (n_kv_heads + 1) */
-    int32_t *sizes;         /* (cap_clusters) tokens per cluster */
-    int32_t *first_slot;    /* (cap_clusters) cluster c: slots first_slot[c] .. + blocks(c) */
-    int32_t *member_offsets; /* (cap_clusters + 1) into members */
-    int32_t *members;       /* (cap_tokens) positions, cluster by cluster, ascending in one */
-    int32_t *sink_slot, *n_sink;     /* (n_kv_heads) first slot, tokens */
+    int32_t *head_offsets;       /* (n_kv_heads + 1) */
+    int32_t *sizes;              /* (cap_clusters) tokens per cluster */
+    int32_t *first_slot;         /* (cap_clusters) cluster c: slots first_slot[c] .. + blocks(c) */
+    int32_t *member_offsets;     /* (cap_clusters + 1) into members */
+    int32_t *members;            /* (cap_tokens) positions, cluster by cluster, ascending in one */
+    int32_t *sink_slot, *n_sink; /* (n_kv_heads) first slot, tokens */
     int32_t *window_slot, *n_window; /* (n_kv_heads) first slot, tokens */
-    int32_t next_slot;      /* first unused slot of the pool */
-    double last_kmeans_ms;  /* wall time of the last ckv_sparse_add_head's k-means */
-    int last_kmeans_iters;  /* its iterations */
+    int32_t next_slot;               /* first unused slot of the pool */
+    double last_kmeans_ms;           /* wall time of the last ckv_sparse_add_head's k-means */
+    int last_kmeans_iters;           /* its iterations */
 };
 
 /* Allocates the host arrays for n_kv_heads heads, at most cap_clusters clusters and

@@ -80,7 +80,8 @@ struct ckv_ctx_opts {
 typedef struct ckv_ctx ckv_ctx_t;
 
 /* Creates a context. CKV_ENODEVICE when CUDA is asked for and no device is usable (or the
- * build has no CUDA backend). The caller owns *out; free it with ckv_ctx_destroy(). */
+ * build has no CUDA backend). The caller owns *out; free it with ckv_ctx_destroy(). A context
+ * serves one host thread at a time (its scratch and stream are shared by its kernels). */
 int ckv_ctx_new(const struct ckv_ctx_opts *opts, ckv_ctx_t **out);
 
 /* Destroys the context and NULLs the pointer; NULL is fine. */

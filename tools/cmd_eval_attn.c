@@ -49,12 +49,11 @@
 #include "kernels.h"
 
 #define MAX_BUDGETS 16
-#define N_METHODS 6
+#define N_METHODS   6
 
 enum method { M_CKV_Q, M_CKV_KV, M_CKV_KVSUM, M_QUEST, M_STREAMING, M_ORACLE };
-static const char *const method_names[N_METHODS] = {"clusterkv-q", "clusterkv-kv",
-                                                    "clusterkv-kvsum", "quest", "streaming",
-                                                    "oracle"};
+static const char *const method_names[N_METHODS] = {
+    "clusterkv-q", "clusterkv-kv", "clusterkv-kvsum", "quest", "streaming", "oracle"};
 static const char *const method_units[N_METHODS] = {"cluster", "cluster", "cluster",
                                                     "page",    "token",   "token"};
 
@@ -181,11 +180,14 @@ static int cluster_range(ckv_ctx_t *ctx, const struct ckv_qkv *q, const struct e
     int32_t *sizes = malloc(sizeof(int32_t) * C), *offs = malloc(sizeof(int32_t) * (C + 1));
     int32_t *mem = malloc(sizeof(int32_t) * n);
     int rc = cen && sizes && offs && mem ? 0 : -ENOMEM, nc = 0;
-    struct ckv_kmeans_params p = {.n_clusters = C, .max_iter = cfg->kmeans_iter, .tol = 0.001f,
+    struct ckv_kmeans_params p = {.n_clusters = C,
+                                  .max_iter = cfg->kmeans_iter,
+                                  .tol = 0.001f,
                                   .seed = (uint64_t)(h * 7919 + t0)};
     struct ckv_kmeans_out o = {cen, sizes, offs, mem};
     if (!rc)
-        rc = ckv_kmeans(ctx, (const char *)q->k + ckv_qkv_kv_index(q, h, t0) * ckv_dtype_size(q->dtype),
+        rc = ckv_kmeans(ctx,
+                        (const char *)q->k + ckv_qkv_kv_index(q, h, t0) * ckv_dtype_size(q->dtype),
                         q->dtype, n, d, (size_t)d, t0, &p, &o, &nc, NULL);
     if (!rc)
         rc = hc_add(hc, d, nc, cen, sizes, mem, n);
@@ -268,7 +270,7 @@ struct layer_eval {
     const struct ckv_qkv *q;
     struct eval_result *res;
     int G, d, b_max;
-    float *kf, *vf;        /* (nkv, n_ctx, d) f32 */
+    float *kf, *vf;           /* (nkv, n_ctx, d) f32 */
     struct head_clusters *hc; /* (nkv) */
     struct hit_state *hits;   /* (N_METHODS, n_budgets, nkv) */
     struct ranked *rk;        /* (nq) lists of the current method */
@@ -408,7 +410,8 @@ static int gc_build(struct global_clusters *g, const struct head_clusters *hc, i
 
 static void gc_free(struct global_clusters *g)
 {
-    free(g->cen), free(g->cen16), free(g->sizes), free(g->head_off), free(g->head_of), free(g->local_of);
+    free(g->cen), free(g->cen16), free(g->sizes);
+    free(g->head_off), free(g->head_of), free(g->local_of);
     memset(g, 0, sizeof(*g));
 }
 
@@ -426,12 +429,21 @@ static int rank_clusterkv(struct layer_eval *e, const struct global_clusters *g,
     int32_t *sel = malloc(sizeof(int32_t) * (size_t)n_units * max_sel);
     int32_t *cnt = malloc(sizeof(int32_t) * n_units), *last = malloc(sizeof(int32_t) * n_units);
     int rc = sel && cnt && last ? 0 : -ENOMEM;
-    struct ckv_select_args a = {
-        .n_q_heads = q->n_q_heads, .n_kv_heads = q->n_kv_heads, .head_dim = e->d, .mode = mode,
-        .q = qstep, .centroids = g->cen, .sizes = g->sizes, .head_offsets = g->head_off,
-        .n_clusters_total = g->total, .budget = e->b_max, .max_selected = max_sel,
-        .sel_clusters = sel, .sel_count = cnt, .sel_last_take = last,
-        .centroids_f16 = e->cfg->centroid_f16 ? g->cen16 : NULL};
+    struct ckv_select_args a = {.n_q_heads = q->n_q_heads,
+                                .n_kv_heads = q->n_kv_heads,
+                                .head_dim = e->d,
+                                .mode = mode,
+                                .q = qstep,
+                                .centroids = g->cen,
+                                .sizes = g->sizes,
+                                .head_offsets = g->head_off,
+                                .n_clusters_total = g->total,
+                                .budget = e->b_max,
+                                .max_selected = max_sel,
+                                .sel_clusters = sel,
+                                .sel_count = cnt,
+                                .sel_last_take = last,
+                                .centroids_f16 = e->cfg->centroid_f16 ? g->cen16 : NULL};
     if (!rc)
         rc = ckv_select_clusters(e->ctx, &a);
     for (int u = 0; rc == 0 && u < n_units; u++) {
@@ -465,10 +477,17 @@ static int rank_quest(struct layer_eval *e, int pos, const float *qstep)
         rc = ckv_quest_page_bounds(e->ctx, (const char *)q->k + ckv_qkv_kv_index(q, h, 0) * esz,
                                    q->dtype, n, d, (size_t)d, mn + (size_t)h * np * d,
                                    mx + (size_t)h * np * d);
-    struct ckv_quest_args a = {.n_q_heads = q->n_q_heads, .n_kv_heads = q->n_kv_heads,
-                               .head_dim = d, .mode = CKV_SELECT_PER_QHEAD, .q = qstep,
-                               .page_min = mn, .page_max = mx, .n_pages = np, .n_select = n_sel,
-                               .sel_pages = sp, .sel_count = cnt};
+    struct ckv_quest_args a = {.n_q_heads = q->n_q_heads,
+                               .n_kv_heads = q->n_kv_heads,
+                               .head_dim = d,
+                               .mode = CKV_SELECT_PER_QHEAD,
+                               .q = qstep,
+                               .page_min = mn,
+                               .page_max = mx,
+                               .n_pages = np,
+                               .n_select = n_sel,
+                               .sel_pages = sp,
+                               .sel_count = cnt};
     if (!rc)
         rc = ckv_quest_select(e->ctx, &a);
     for (int qh = 0; rc == 0 && qh < q->n_q_heads; qh++) {
@@ -582,10 +601,10 @@ static int eval_layer(const struct eval_cfg *cfg, ckv_ctx_t *ctx, const struct c
     e.o_full = malloc(sizeof(double) * (size_t)nq * d);
     e.acc_a = malloc(sizeof(double) * (size_t)nq * d);
     e.mass_a = malloc(sizeof(double) * nq);
-    int rc = e.kf && e.vf && e.hc && e.hits && e.rk && e.in_a && e.p && e.o_full && e.acc_a &&
-                     e.mass_a
-                 ? 0
-                 : -ENOMEM;
+    int rc =
+        e.kf && e.vf && e.hc && e.hits && e.rk && e.in_a && e.p && e.o_full && e.acc_a && e.mass_a
+            ? 0
+            : -ENOMEM;
     if (!rc)
         rc = ckv_convert(ctx, e.kf, CKV_DTYPE_F32, q->k, q->dtype, kv_el);
     if (!rc)
@@ -683,8 +702,8 @@ static int write_outputs(const struct eval_cfg *cfg, const struct eval_result *r
             double hu = a->all_units > 0 ? a->hit_units / a->all_units : NAN;
             double ht = a->all_tokens > 0 ? a->hit_tokens / a->all_tokens : NAN;
             fprintf(f, "%s,%d,%.1f,%.6f,%.6f,%s,%.4f,%.4f,%d,%d,%s\n", method_names[m],
-                    res->budgets[b], att, rec, err, method_units[m], hu, ht, cfg->hit_r,
-                    res->steps, source);
+                    res->budgets[b], att, rec, err, method_units[m], hu, ht, cfg->hit_r, res->steps,
+                    source);
             printf("| %s | %d | %.0f | %.4f | %.4f | %.3f (%ss) | %.3f |\n", method_names[m],
                    res->budgets[b], att, rec, err, hu, method_units[m], ht);
         }
@@ -711,8 +730,9 @@ static int write_outputs(const struct eval_cfg *cfg, const struct eval_result *r
     int first = 1;
     for (int m = 0; m < N_METHODS; m++)
         if (res->enabled[m]) {
-            fprintf(f, "%s'%s/eval-attn.csv' using (strcol(1) eq '%s' ? $2 : NaN):4 with "
-                       "linespoints lw 2 title '%s'",
+            fprintf(f,
+                    "%s'%s/eval-attn.csv' using (strcol(1) eq '%s' ? $2 : NaN):4 with "
+                    "linespoints lw 2 title '%s'",
                     first ? "" : ", \\\n     ", cfg->out, method_names[m], method_names[m]);
             first = 0;
         }
@@ -726,8 +746,9 @@ static int write_outputs(const struct eval_cfg *cfg, const struct eval_result *r
         else
             fprintf(stderr, "ckv eval-attn: gnuplot failed on %s\n", gp);
     } else {
-        fprintf(stderr, "ckv eval-attn: gnuplot not found (deploy/install-deps.sh --bench "
-                        "installs it): run 'gnuplot %s' for the PNG\n",
+        fprintf(stderr,
+                "ckv eval-attn: gnuplot not found (deploy/install-deps.sh --bench "
+                "installs it): run 'gnuplot %s' for the PNG\n",
                 gp);
     }
     return 0;
@@ -802,6 +823,21 @@ static int parse_methods(const char *s, struct eval_result *res)
     return any ? 0 : -EINVAL;
 }
 
+/* mkdir -p: creates dir and its missing parents (mode 0755). Returns 0, or -1 with errno. */
+static int mkdir_parents(const char *dir)
+{
+    char p[512];
+    snprintf(p, sizeof(p), "%s", dir);
+    for (char *c = p + 1; *c; c++)
+        if (*c == '/') {
+            *c = 0;
+            if (mkdir(p, 0755) != 0 && errno != EEXIST)
+                return -1;
+            *c = '/';
+        }
+    return mkdir(p, 0755) != 0 && errno != EEXIST ? -1 : 0;
+}
+
 int ckv_cmd_eval_attn(int argc, char **argv)
 {
     struct eval_cfg cfg;
@@ -814,16 +850,16 @@ int ckv_cmd_eval_attn(int argc, char **argv)
             ckv_buf_free(&u);
             return 0;
         }
-    if (ckv_config_load(eval_options, &cfg, argc - 1, argv + 1, NULL, 0, NULL, err,
-                        sizeof(err))) {
+    if (ckv_config_load(eval_options, &cfg, argc - 1, argv + 1, NULL, 0, NULL, err, sizeof(err))) {
         fprintf(stderr, "ckv eval-attn: %s\n", err);
         return 2;
     }
     static struct eval_result res;
     memset(&res, 0, sizeof(res));
     if (parse_budgets(cfg.budgets, &res)) {
-        fprintf(stderr, "ckv eval-attn: --budgets takes increasing positive integers, "
-                        "comma-separated (at most %d)\n",
+        fprintf(stderr,
+                "ckv eval-attn: --budgets takes increasing positive integers, "
+                "comma-separated (at most %d)\n",
                 MAX_BUDGETS);
         return 2;
     }
@@ -840,7 +876,7 @@ int ckv_cmd_eval_attn(int argc, char **argv)
         fprintf(stderr, "ckv eval-attn: --n-q-heads must be a multiple of --n-kv-heads\n");
         return 2;
     }
-    if (mkdir(cfg.out, 0755) != 0 && errno != EEXIST) {
+    if (mkdir_parents(cfg.out) != 0) {
         fprintf(stderr, "ckv eval-attn: --out %s: %s\n", cfg.out, strerror(errno));
         return 1;
     }

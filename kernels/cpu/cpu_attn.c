@@ -23,10 +23,11 @@
 #include "ckv_error.h"
 #include "cpu_backend.h"
 
-#define ATTN_TILE 64      /* keys per softmax step */
-#define ATTN_PREFILL_ROWS 64 /* query rows (tokens x group heads) per prefill work item */
-#define ATTN_MIN_PART 1024   /* fewest tokens worth a separate decode part */
-#define ATTN_MAX_SEGS 8      /* block runs per tile (partly filled blocks make more than 4) */
+#define ATTN_TILE         64   /* keys per softmax step */
+#define ATTN_PREFILL_ROWS 64   /* query rows (tokens x group heads) per prefill work item */
+#define ATTN_MIN_PART     2048 /* fewest tokens of a decode part (each starts cold) */
+#define ATTN_PF_BLOCKS    4    /* blocks ahead a block list prefetches */
+#define ATTN_MAX_SEGS     8    /* block runs per tile (partly filled blocks make more than 4) */
 
 /* The rows of one work item, carved from the thread's scratch. */
 struct attn_state {
@@ -261,7 +262,9 @@ static void full_task(void *arg, int task, int tid)
     const size_t sb = a->token_stride * esz;
     for (int t = t0; t < t1; t += ATTN_TILE) {
         int tn = t + ATTN_TILE; /* prefetch the next tile's rows (past t1: harmless hint) */
-        struct attn_seg seg = {kh + (size_t)t * sb, vh + (size_t)t * sb, a->token_stride,
+        struct attn_seg seg = {kh + (size_t)t * sb,
+                               vh + (size_t)t * sb,
+                               a->token_stride,
                                t1 - t < ATTN_TILE ? t1 - t : ATTN_TILE,
                                tn < t1 ? kh + (size_t)tn * sb : NULL,
                                tn < t1 ? vh + (size_t)tn * sb : NULL};
@@ -324,15 +327,16 @@ static void blocks_task(void *arg, int task, int tid)
         const struct ckv_block_ref *ref = &a->refs[b];
         const char *blk = (const char *)a->pool + (size_t)ref->slot * j->block_bytes;
         /* prefetch the block about one tile ahead while this one computes */
-        const char *nb = b + 4 < b1 ? (const char *)a->pool + (size_t)a->refs[b + 4].slot *
-                                                                j->block_bytes
-                                    : NULL;
+        const char *nb =
+            b + ATTN_PF_BLOCKS < b1
+                ? (const char *)a->pool + (size_t)a->refs[b + ATTN_PF_BLOCKS].slot * j->block_bytes
+                : NULL;
         if (tokens + ref->n_tokens > ATTN_TILE || nseg == ATTN_MAX_SEGS) {
             attn_tile(j->cb->simd, &st, seg, nseg, a->dtype, NULL);
             nseg = tokens = 0;
         }
-        seg[nseg++] = (struct attn_seg){blk, blk + j->v_offset, (size_t)d, ref->n_tokens, nb,
-                                        nb ? nb + j->v_offset : NULL};
+        seg[nseg++] = (struct attn_seg){blk, blk + j->v_offset,           (size_t)d, ref->n_tokens,
+                                        nb,  nb ? nb + j->v_offset : NULL};
         tokens += ref->n_tokens;
     }
     if (nseg)
@@ -371,7 +375,9 @@ int cpu_attn_decode_blocks(struct ckv_ctx *ctx, const struct ckv_attn_blocks_arg
             max_tokens = tokens;
     }
     size_t esz = ckv_dtype_size(a->dtype);
-    struct blocks_job j = {.a = a, .cb = cb, .scale = attn_scale(a->scale, d),
+    struct blocks_job j = {.a = a,
+                           .cb = cb,
+                           .scale = attn_scale(a->scale, d),
                            .block_bytes = ckv_block_bytes(d, a->dtype),
                            .v_offset = (size_t)CKV_BLOCK_TOKENS * d * esz};
     j.parts = attn_parts(cb->n_threads, a->n_lists, max_tokens);
@@ -425,7 +431,10 @@ static void prefill_task(void *arg, int task, int tid)
             vp = valid;
         }
         struct attn_seg seg = {kh + (size_t)t * a->token_stride * esz,
-                               vh + (size_t)t * a->token_stride * esz, a->token_stride, n, NULL,
+                               vh + (size_t)t * a->token_stride * esz,
+                               a->token_stride,
+                               n,
+                               NULL,
                                NULL};
         attn_tile(j->cb->simd, &st, &seg, 1, a->dtype, vp);
     }

@@ -5,8 +5,8 @@
  * Clustering works on the unit-normalised keys X (n, d) f32. It is spherical k-means: a
  * token's cluster is argmax_c X_i . U_c, where U_c is the normalised sum of its members' unit
  * keys (the mean direction, which maximises the members' summed cosine similarity).
- *   - init: k-means++ from a splitmix64 stream (ckv_rng.h) seeded by params->seed. Centre 0 is a uniform
- *     token; each next centre is token i with probability proportional to 1 - max_c cos(i, c)
+ *   - init: k-means++ from a splitmix64 stream (ckv_rng.h) seeded by params->seed. Centre 0 is a
+ * uniform token; each next centre is token i with probability proportional to 1 - max_c cos(i, c)
  *     (half the squared Euclidean distance between unit vectors: k-means++'s D^2 weight).
  *     Its C sequential passes over all tokens are memory-bound, so they read the unit keys
  *     rounded to f16 (Xh: half the bytes; cosines change by ~1e-4, the weights only steer
@@ -27,8 +27,8 @@
 #include "ckv_rng.h"
 #include "cpu_backend.h"
 
-#define KM_CHUNK 1024  /* rows per task of the row-parallel passes (fixed: determinism) */
-#define KM_ASSIGN_ROWS 64 /* rows per similarity block in the assignment */
+#define KM_CHUNK       1024 /* rows per task of the row-parallel passes (fixed: determinism) */
+#define KM_ASSIGN_ROWS 64   /* rows per similarity block in the assignment */
 
 struct km {
     struct cpu_backend *cb;
@@ -36,15 +36,15 @@ struct km {
     enum ckv_dtype dtype;
     size_t row_stride;
     int n, d, C;
-    float *X;        /* (n, d) unit keys */
-    uint16_t *Xh;    /* (n, d) unit keys rounded to f16: the init's distances */
-    float *U;        /* (C, d) unit centre directions */
-    float *D;        /* (n) init: 1 - max cos to the chosen centres */
-    float *cc;       /* (C) init: |U_j - U_cur|^2 for the centres j < cur */
-    int32_t *label;  /* (n) */
-    int32_t *order;  /* (n) token indices grouped by label, ascending within one */
-    int32_t *start;  /* (C + 1) offsets into order */
-    double *chunk_sum; /* (n_chunks) init: sum of D per chunk */
+    float *X;               /* (n, d) unit keys */
+    uint16_t *Xh;           /* (n, d) unit keys rounded to f16: the init's distances */
+    float *U;               /* (C, d) unit centre directions */
+    float *D;               /* (n) init: 1 - max cos to the chosen centres */
+    float *cc;              /* (C) init: |U_j - U_cur|^2 for the centres j < cur */
+    int32_t *label;         /* (n) */
+    int32_t *order;         /* (n) token indices grouped by label, ascending within one */
+    int32_t *start;         /* (C + 1) offsets into order */
+    double *chunk_sum;      /* (n_chunks) init: sum of D per chunk */
     int32_t *chunk_changes; /* (n_chunks) */
     int n_chunks;
     int cur; /* init: the centre being added */
@@ -147,7 +147,7 @@ static int init_pick(const struct km *k, uint64_t *rng)
         }
     }
     ASSERT(last_pos >= 0); /* total > 0 means some D > 0 */
-    return last_pos; /* rounding ran past the end */
+    return last_pos;       /* rounding ran past the end */
 }
 
 /* Counting sort of the labels into order/start (ascending token index within a cluster). */
@@ -247,8 +247,12 @@ int cpu_kmeans(struct ckv_ctx *ctx, const void *keys, enum ckv_dtype dtype, int 
                int *n_clusters_host, int *n_iter_host)
 {
     struct cpu_backend *cb = cpu_of(ctx);
-    struct km k = {.cb = cb, .keys = keys, .dtype = dtype, .row_stride = row_stride,
-                   .n = n_tokens, .d = head_dim};
+    struct km k = {.cb = cb,
+                   .keys = keys,
+                   .dtype = dtype,
+                   .row_stride = row_stride,
+                   .n = n_tokens,
+                   .d = head_dim};
     k.C = params->n_clusters < n_tokens ? params->n_clusters : n_tokens;
     k.n_chunks = (n_tokens + KM_CHUNK - 1) / KM_CHUNK;
     /* similarity rows per block: up to 64, fewer when there are very many clusters */
@@ -267,8 +271,8 @@ int cpu_kmeans(struct ckv_ctx *ctx, const void *keys, enum ckv_dtype dtype, int 
     k.start = malloc((size_t)(k.C + 1) * sizeof(int32_t));
     k.chunk_sum = malloc((size_t)k.n_chunks * sizeof(double));
     k.chunk_changes = malloc((size_t)k.n_chunks * sizeof(int32_t));
-    if (!k.X || !k.Xh || !k.U || !k.D || !k.cc || !k.label || !k.order || !k.start || !k.chunk_sum ||
-        !k.chunk_changes)
+    if (!k.X || !k.Xh || !k.U || !k.D || !k.cc || !k.label || !k.order || !k.start ||
+        !k.chunk_sum || !k.chunk_changes)
         goto out_free;
     size_t scratch = (size_t)k.assign_rows * k.C * sizeof(float);
     if (scratch < KM_CHUNK * (sizeof(float) + sizeof(int32_t)))
@@ -358,8 +362,8 @@ out_free:
 /* ---- packing rows into blocks ---- */
 
 int cpu_pack_blocks(struct ckv_ctx *ctx, const void *k, const void *v, enum ckv_dtype dtype,
-                    int head_dim, size_t token_stride, const int32_t *rows, int n_rows,
-                    void *pool, const int32_t *slots)
+                    int head_dim, size_t token_stride, const int32_t *rows, int n_rows, void *pool,
+                    const int32_t *slots)
 {
     (void)ctx;
     int n_blocks = (n_rows + CKV_BLOCK_TOKENS - 1) / CKV_BLOCK_TOKENS;
@@ -376,8 +380,7 @@ int cpu_pack_blocks(struct ckv_ctx *ctx, const void *k, const void *v, enum ckv_
         int t = i % CKV_BLOCK_TOKENS;
         size_t src = (size_t)rows[i] * token_stride * esz;
         memcpy(blk + (size_t)t * row_bytes, (const char *)k + src, row_bytes);
-        memcpy(blk + (size_t)(CKV_BLOCK_TOKENS + t) * row_bytes, (const char *)v + src,
-               row_bytes);
+        memcpy(blk + (size_t)(CKV_BLOCK_TOKENS + t) * row_bytes, (const char *)v + src, row_bytes);
     }
     int tail = n_rows % CKV_BLOCK_TOKENS;
     if (tail) {

@@ -23,19 +23,19 @@
 #include "ckv_log.h"
 
 /* How long an idle worker spins before it sleeps, and how often it reads the clock. */
-#define POOL_SPIN_NS 200000ull
+#define POOL_SPIN_NS    200000ull
 #define POOL_SPIN_CHECK 64
 
 struct cpu_pool {
-    int n_threads;  /* the caller included */
-    int n_started;  /* workers running (0 until the first parallel job) */
+    int n_threads; /* the caller included */
+    int n_started; /* workers running (0 until the first parallel job) */
     int start_failed;
     pthread_t *threads;
-    uint32_t gen;   /* caller-side generation counter */
+    uint32_t gen; /* caller-side generation counter */
 
-    _Atomic uint64_t ticket;  /* (gen << 32) | next task index */
-    _Atomic uint64_t limit;   /* (gen << 32) | n_tasks */
-    _Atomic int completed;    /* tasks of the current job finished */
+    _Atomic uint64_t ticket; /* (gen << 32) | next task index */
+    _Atomic uint64_t limit;  /* (gen << 32) | n_tasks */
+    _Atomic int completed;   /* tasks of the current job finished */
     cpu_task_fn fn;
     void *arg;
 
@@ -97,8 +97,7 @@ static void *pool_worker(void *argp)
             /* sleep; the caller broadcasts when it sees sleepers (seq_cst on both sides) */
             pthread_mutex_lock(&p->mu);
             atomic_fetch_add(&p->sleepers, 1);
-            while (!atomic_load(&p->stop) &&
-                   (uint32_t)(atomic_load(&p->ticket) >> 32) == seen)
+            while (!atomic_load(&p->stop) && (uint32_t)(atomic_load(&p->ticket) >> 32) == seen)
                 pthread_cond_wait(&p->cv, &p->mu);
             atomic_fetch_sub(&p->sleepers, 1);
             pthread_mutex_unlock(&p->mu);
@@ -143,8 +142,8 @@ static void pool_start(struct cpu_pool *p)
         int rc = wa ? pthread_create(&p->threads[i], NULL, pool_worker, wa) : ENOMEM;
         if (rc) {
             free(wa);
-            LOG_WARN("cpu pool: cannot start worker %d of %d (%s): running with %d thread(s)",
-                     i, p->n_threads - 1, ckv_strerror(-rc), i);
+            LOG_WARN("cpu pool: cannot start worker %d of %d (%s): running with %d thread(s)", i,
+                     p->n_threads - 1, ckv_strerror(-rc), i);
             p->start_failed = 1;
             break;
         }

@@ -148,8 +148,7 @@ static void sel_task(void *arg, int u, int tid)
                              (const char *)cen + (size_t)16 * d * ckv_dtype_size(cdt));
         fold_rows(a->mode, s, n_rows, nc);
         if (a->scores)
-            memcpy(a->scores + (size_t)u * a->n_clusters_total + c0, s,
-                   (size_t)nc * sizeof(float));
+            memcpy(a->scores + (size_t)u * a->n_clusters_total + c0, s, (size_t)nc * sizeof(float));
         int n_keys = 0;
         for (int c = 0; c < nc; c++)
             if (a->sizes[c0 + c] > 0)
@@ -189,8 +188,7 @@ int cpu_select_clusters(struct ckv_ctx *ctx, const struct ckv_select_args *a)
         return -ENOSPC;
     int n_rows = a->mode == CKV_SELECT_PER_QHEAD ? 1 : G;
     int rc = cpu_scratch_reserve(cb, cpu_align64((size_t)max_head * sizeof(uint64_t)) +
-                                         ((size_t)n_rows * max_head + a->head_dim) *
-                                             sizeof(float));
+                                         ((size_t)n_rows * max_head + a->head_dim) * sizeof(float));
     if (rc)
         return rc;
     struct sel_job j = {a, cb, G, max_head};
@@ -242,9 +240,8 @@ static void bounds_task(void *arg, int task, int tid)
     }
 }
 
-int cpu_quest_page_bounds(struct ckv_ctx *ctx, const void *keys, enum ckv_dtype dtype,
-                          int n_tokens, int head_dim, size_t row_stride, float *page_min,
-                          float *page_max)
+int cpu_quest_page_bounds(struct ckv_ctx *ctx, const void *keys, enum ckv_dtype dtype, int n_tokens,
+                          int head_dim, size_t row_stride, float *page_min, float *page_max)
 {
     struct cpu_backend *cb = cpu_of(ctx);
     int rc = cpu_scratch_reserve(cb, (size_t)head_dim * sizeof(float));
@@ -405,8 +402,8 @@ int cpu_oracle_topk(struct ckv_ctx *ctx, const float *q, const void *k, enum ckv
                                          (size_t)G * n_ctx * sizeof(float));
     if (rc)
         return rc;
-    struct oracle_job j = {cb,     q,           k,         dtype,       G,   head_dim,
-                           n_ctx,  budget,      head_stride, token_stride, sel_tokens};
+    struct oracle_job j = {cb,    q,      k,           dtype,        G,         head_dim,
+                           n_ctx, budget, head_stride, token_stride, sel_tokens};
     cpu_pool_run(cb->pool, n_kv_heads, oracle_task, &j);
     return 0;
 }

@@ -33,7 +33,8 @@ ALWAYS_INLINE __m256 reduce8(__m256 a[8])
 {
     __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
     __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+    return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20),
+                         _mm256_permute2f128_ps(h0, h1, 0x31));
 }
 
 ALWAYS_INLINE void gemm_nt_impl(int m, int n, int d, const float *a, size_t lda, const void *b,
@@ -156,8 +157,8 @@ ALWAYS_INLINE void pv_kernel(int MR, int NCH, int n, int off, const float *p, si
 }
 
 #define PV_CASE(MR, NCH)                                                                           \
-    case (MR) * 8 + (NCH):                                                                         \
-        pv_kernel(MR, NCH, n, off, p, ldp, v, f16, vstride, acc, ldacc, corr, pf, row_bytes);     \
+    case (MR)*8 + (NCH):                                                                           \
+        pv_kernel(MR, NCH, n, off, p, ldp, v, f16, vstride, acc, ldacc, corr, pf, row_bytes);      \
         break
 
 ALWAYS_INLINE void gemm_pv_impl(int m, int n, int d, const float *p, size_t ldp, const void *v,
@@ -173,8 +174,14 @@ ALWAYS_INLINE void gemm_pv_impl(int m, int n, int d, const float *p, size_t ldp,
             if (nch > 4)
                 nch = 4;
             switch (mr * 8 + nch) {
-                PV_CASE(1, 1); PV_CASE(1, 2); PV_CASE(1, 3); PV_CASE(1, 4);
-                PV_CASE(2, 1); PV_CASE(2, 2); PV_CASE(2, 3); PV_CASE(2, 4);
+                PV_CASE(1, 1);
+                PV_CASE(1, 2);
+                PV_CASE(1, 3);
+                PV_CASE(1, 4);
+                PV_CASE(2, 1);
+                PV_CASE(2, 2);
+                PV_CASE(2, 3);
+                PV_CASE(2, 4);
             }
         }
         for (int r = 0; r < mr; r++) { /* the dims past the last multiple of 8 */
@@ -224,8 +231,8 @@ ALWAYS_INLINE __m256 exp8(__m256 x)
     y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
     y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
     y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-                                  23);
+    __m256i e =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
     return _mm256_andnot_ps(tiny, y);
 }

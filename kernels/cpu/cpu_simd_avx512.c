@@ -6,8 +6,9 @@
  * gemm_nt computes 16 dot products at a time, 4 x 4 (or 2 x 8, 1 x 16 for the last rows),
  * in 16 zmm accumulators over d in 16-lane chunks (f16 rows converted with vcvtph2ps as they
  * are loaded), and folds the 16 accumulators into one vector of 16 sums with a shuffle tree
- * (45 instructions for 16 dots instead of 16 horizontal reductions). gemm_pv keeps up to 4 rows x 64 dims of the output in registers
- * and streams the V rows through them. Tails of d use masked loads.
+ * (45 instructions for 16 dots instead of 16 horizontal reductions). gemm_pv keeps up to 4 rows x
+ * 64 dims of the output in registers and streams the V rows through them. Tails of d use masked
+ * loads.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -207,8 +208,8 @@ ALWAYS_INLINE void pv_kernel(int MR, int NCH, int n, int off, int d, const float
 }
 
 #define PV_CASE(MR, NCH)                                                                           \
-    case (MR) * 8 + (NCH):                                                                         \
-        pv_kernel(MR, NCH, n, off, d, p, ldp, v, f16, vstride, acc, ldacc, corr, pf);             \
+    case (MR)*8 + (NCH):                                                                           \
+        pv_kernel(MR, NCH, n, off, d, p, ldp, v, f16, vstride, acc, ldacc, corr, pf);              \
         break
 
 ALWAYS_INLINE void gemm_pv_impl(int m, int n, int d, const float *p, size_t ldp, const void *v,
@@ -223,10 +224,22 @@ ALWAYS_INLINE void gemm_pv_impl(int m, int n, int d, const float *p, size_t ldp,
             if (nch > 4)
                 nch = 4;
             switch (mr * 8 + nch) {
-                PV_CASE(1, 1); PV_CASE(1, 2); PV_CASE(1, 3); PV_CASE(1, 4);
-                PV_CASE(2, 1); PV_CASE(2, 2); PV_CASE(2, 3); PV_CASE(2, 4);
-                PV_CASE(3, 1); PV_CASE(3, 2); PV_CASE(3, 3); PV_CASE(3, 4);
-                PV_CASE(4, 1); PV_CASE(4, 2); PV_CASE(4, 3); PV_CASE(4, 4);
+                PV_CASE(1, 1);
+                PV_CASE(1, 2);
+                PV_CASE(1, 3);
+                PV_CASE(1, 4);
+                PV_CASE(2, 1);
+                PV_CASE(2, 2);
+                PV_CASE(2, 3);
+                PV_CASE(2, 4);
+                PV_CASE(3, 1);
+                PV_CASE(3, 2);
+                PV_CASE(3, 3);
+                PV_CASE(3, 4);
+                PV_CASE(4, 1);
+                PV_CASE(4, 2);
+                PV_CASE(4, 3);
+                PV_CASE(4, 4);
             }
         }
         p += 4 * ldp;

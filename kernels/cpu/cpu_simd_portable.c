@@ -47,8 +47,8 @@ static void dots_idx_portable(const float *q, const void *rows, enum ckv_dtype r
 {
     size_t esz = ckv_dtype_size(rdt);
     for (int i = 0; i < m; i++)
-        gemm_nt_portable(1, 1, d, q, (size_t)d, (const char *)rows + (size_t)idx[i] * ld * esz,
-                         rdt, ld, out + i, 1, NULL);
+        gemm_nt_portable(1, 1, d, q, (size_t)d, (const char *)rows + (size_t)idx[i] * ld * esz, rdt,
+                         ld, out + i, 1, NULL);
 }
 
 static void gemm_pv_portable(int m, int n, int d, const float *p, size_t ldp, const void *v,

@@ -17,7 +17,7 @@
 #include "ktest.h"
 
 #define ATTN_TOL 2e-5f
-#define LSE_TOL 1e-4f
+#define LSE_TOL  1e-4f
 
 struct full_case {
     int nq, nkv, d, n_ctx;
@@ -35,13 +35,21 @@ static void check_full(ckv_ctx_t *ctx, const struct full_case *c, uint64_t seed)
     void *k = ktest_random_kv(&rng, nkv_elems + 1, c->dt, c->k_sd);
     void *v = ktest_random_kv(&rng, nkv_elems + 1, c->dt, 1.0f);
     float *out = malloc(sizeof(float) * (size_t)c->nq * c->d), *lse = malloc(sizeof(float) * c->nq);
-    float *ref = malloc(sizeof(float) * (size_t)c->nq * c->d), *rlse = malloc(sizeof(float) * c->nq);
+    float *ref = malloc(sizeof(float) * (size_t)c->nq * c->d),
+          *rlse = malloc(sizeof(float) * c->nq);
     struct ckv_attn_full_args a = {
-        .n_q_heads = c->nq, .n_kv_heads = c->nkv, .head_dim = c->d, .n_ctx = c->n_ctx, .q = q,
-        .k = k, .v = v, .dtype = c->dt,
+        .n_q_heads = c->nq,
+        .n_kv_heads = c->nkv,
+        .head_dim = c->d,
+        .n_ctx = c->n_ctx,
+        .q = q,
+        .k = k,
+        .v = v,
+        .dtype = c->dt,
         .head_stride = c->token_major ? (size_t)c->d : (size_t)c->n_ctx * c->d,
         .token_stride = c->token_major ? (size_t)c->nkv * c->d : (size_t)c->d,
-        .out = out, .lse = lse};
+        .out = out,
+        .lse = lse};
     cr_assert_eq(ckv_attn_decode_full(ctx, &a), 0);
     a.out = ref;
     a.lse = rlse;
@@ -99,10 +107,17 @@ Test(kernels_attn, decode_full_peaked)
         k[321 * d + i] = 10.0f; /* score 10 * 64 / 8 = 80 vs 0 elsewhere */
     for (int j = 0; j < n_isa; j++) {
         ckv_ctx_t *ctx = ktest_ctx(isas[j], 2);
-        struct ckv_attn_full_args a = {.n_q_heads = 1, .n_kv_heads = 1, .head_dim = d,
-                                       .n_ctx = n, .q = q, .k = k, .v = v,
-                                       .dtype = CKV_DTYPE_F32, .head_stride = (size_t)n * d,
-                                       .token_stride = d, .out = out};
+        struct ckv_attn_full_args a = {.n_q_heads = 1,
+                                       .n_kv_heads = 1,
+                                       .head_dim = d,
+                                       .n_ctx = n,
+                                       .q = q,
+                                       .k = k,
+                                       .v = v,
+                                       .dtype = CKV_DTYPE_F32,
+                                       .head_stride = (size_t)n * d,
+                                       .token_stride = d,
+                                       .out = out};
         cr_assert_eq(ckv_attn_decode_full(ctx, &a), 0);
         for (int i = 0; i < d; i++)
             cr_assert(fabsf(out[i] - 321.0f) < 1e-3f, "%g", out[i]);
@@ -135,15 +150,24 @@ static void check_blocks(ckv_ctx_t *ctx, const struct blocks_case *c, uint64_t s
     for (int l = 0; l < n_lists; l++) {
         int n = l == 1 ? 0 : ktest_int(&rng, 1, c->max_refs); /* list 1 is empty */
         for (int r = 0; r < n; r++)
-            refs[offs[l] + r] = (struct ckv_block_ref){ktest_int(&rng, 0, n_slots - 1),
-                                                       ktest_int(&rng, 1, 16)};
+            refs[offs[l] + r] =
+                (struct ckv_block_ref){ktest_int(&rng, 0, n_slots - 1), ktest_int(&rng, 1, 16)};
         offs[l + 1] = offs[l] + n;
     }
     float *out = malloc(sizeof(float) * (size_t)c->nq * c->d), *lse = malloc(sizeof(float) * c->nq);
-    float *ref = malloc(sizeof(float) * (size_t)c->nq * c->d), *rlse = malloc(sizeof(float) * c->nq);
-    struct ckv_attn_blocks_args a = {.n_q_heads = c->nq, .head_dim = c->d, .n_lists = n_lists,
-                                     .heads_per_list = hpl, .q = q, .pool = pool, .dtype = c->dt,
-                                     .refs = refs, .list_offsets = offs, .out = out, .lse = lse};
+    float *ref = malloc(sizeof(float) * (size_t)c->nq * c->d),
+          *rlse = malloc(sizeof(float) * c->nq);
+    struct ckv_attn_blocks_args a = {.n_q_heads = c->nq,
+                                     .head_dim = c->d,
+                                     .n_lists = n_lists,
+                                     .heads_per_list = hpl,
+                                     .q = q,
+                                     .pool = pool,
+                                     .dtype = c->dt,
+                                     .refs = refs,
+                                     .list_offsets = offs,
+                                     .out = out,
+                                     .lse = lse};
     cr_assert_eq(ckv_attn_decode_blocks(ctx, &a), 0);
     a.out = ref;
     a.lse = rlse;
@@ -214,20 +238,33 @@ Test(kernels_attn, all_blocks_equal_full)
             offs[h + 1] = offs[h] + nb;
         }
         /* the tail of the last block of head nkv-1 (slot 3 * nb) is zeroed */
-        const uint16_t *tailk = (const uint16_t *)(pool + (size_t)(3 * nb + 0) * bb) +
-                                (size_t)(n - 16 * (nb - 1)) * d;
+        const uint16_t *tailk =
+            (const uint16_t *)(pool + (size_t)(3 * nb + 0) * bb) + (size_t)(n - 16 * (nb - 1)) * d;
         for (int t = 0; t < (16 - (n - 16 * (nb - 1))) * d; t++)
             cr_assert_eq(tailk[t], 0);
         float out_full[16 * 64], out_blk[16 * 64];
-        struct ckv_attn_full_args fa = {.n_q_heads = nq, .n_kv_heads = nkv, .head_dim = d,
-                                        .n_ctx = n, .q = q, .k = k, .v = v,
-                                        .dtype = CKV_DTYPE_F16, .head_stride = (size_t)n * d,
-                                        .token_stride = d, .out = out_full};
+        struct ckv_attn_full_args fa = {.n_q_heads = nq,
+                                        .n_kv_heads = nkv,
+                                        .head_dim = d,
+                                        .n_ctx = n,
+                                        .q = q,
+                                        .k = k,
+                                        .v = v,
+                                        .dtype = CKV_DTYPE_F16,
+                                        .head_stride = (size_t)n * d,
+                                        .token_stride = d,
+                                        .out = out_full};
         cr_assert_eq(ckv_attn_decode_full(ctx, &fa), 0);
-        struct ckv_attn_blocks_args ba = {.n_q_heads = nq, .head_dim = d, .n_lists = nkv,
-                                          .heads_per_list = G, .q = q, .pool = pool,
-                                          .dtype = CKV_DTYPE_F16, .refs = refs,
-                                          .list_offsets = offs, .out = out_blk};
+        struct ckv_attn_blocks_args ba = {.n_q_heads = nq,
+                                          .head_dim = d,
+                                          .n_lists = nkv,
+                                          .heads_per_list = G,
+                                          .q = q,
+                                          .pool = pool,
+                                          .dtype = CKV_DTYPE_F16,
+                                          .refs = refs,
+                                          .list_offsets = offs,
+                                          .out = out_blk};
         cr_assert_eq(ckv_attn_decode_blocks(ctx, &ba), 0);
         float err = ktest_max_abs_diff(out_blk, out_full, CKV_ARRAY_LEN(out_full), NULL);
         cr_assert(err <= ATTN_TOL, "%s: blocks vs full %g", ckv_ctx_describe(ctx), err);
@@ -253,20 +290,18 @@ Test(kernels_attn, pack_blocks_vs_reference)
         char *p1 = malloc(bb * 5), *p2 = malloc(bb * 5);
         memset(p1, 0x5a, bb * 5);
         memset(p2, 0x5a, bb * 5);
-        cr_assert_eq(ckv_pack_blocks(ctx, k, v, (enum ckv_dtype)dt, d, stride, rows, n_rows, p1,
-                                     slots),
-                     0);
-        cr_assert_eq(ckv_ref_pack_blocks(k, v, (enum ckv_dtype)dt, d, stride, rows, n_rows, p2,
-                                         slots),
-                     0);
+        cr_assert_eq(
+            ckv_pack_blocks(ctx, k, v, (enum ckv_dtype)dt, d, stride, rows, n_rows, p1, slots), 0);
+        cr_assert_eq(
+            ckv_ref_pack_blocks(k, v, (enum ckv_dtype)dt, d, stride, rows, n_rows, p2, slots), 0);
         cr_assert_arr_eq(p1, p2, bb * 5);
         int32_t bad_rows[2] = {0, -1}, bad_slots[1] = {-3};
-        cr_assert_eq(ckv_pack_blocks(ctx, k, v, (enum ckv_dtype)dt, d, stride, bad_rows, 2, p1,
-                                     slots),
-                     -EINVAL);
-        cr_assert_eq(ckv_pack_blocks(ctx, k, v, (enum ckv_dtype)dt, d, stride, rows, 3, p1,
-                                     bad_slots),
-                     -EINVAL);
+        cr_assert_eq(
+            ckv_pack_blocks(ctx, k, v, (enum ckv_dtype)dt, d, stride, bad_rows, 2, p1, slots),
+            -EINVAL);
+        cr_assert_eq(
+            ckv_pack_blocks(ctx, k, v, (enum ckv_dtype)dt, d, stride, rows, 3, p1, bad_slots),
+            -EINVAL);
         cr_assert_eq(ckv_pack_blocks(ctx, k, v, (enum ckv_dtype)dt, d, stride, rows, 0, p1, slots),
                      -EINVAL);
         cr_assert_eq(ckv_pack_blocks(ctx, k, v, (enum ckv_dtype)dt, d, d - 1, rows, 3, p1, slots),
@@ -294,10 +329,18 @@ static void check_prefill(ckv_ctx_t *ctx, const struct prefill_case *c, uint64_t
     void *k = ktest_random_kv(&rng, (size_t)n_tot * c->nkv * c->d, c->dt, 1.5f);
     void *v = ktest_random_kv(&rng, (size_t)n_tot * c->nkv * c->d, c->dt, 1.0f);
     float *out = malloc(sizeof(float) * nq_elems), *ref = malloc(sizeof(float) * nq_elems);
-    struct ckv_attn_prefill_args a = {.n_q_heads = c->nq, .n_kv_heads = c->nkv, .head_dim = c->d,
-                                      .n_new = c->n_new, .pos0 = c->pos0, .q = q, .k = k, .v = v,
-                                      .dtype = c->dt, .head_stride = (size_t)c->d,
-                                      .token_stride = (size_t)c->nkv * c->d, .out = out};
+    struct ckv_attn_prefill_args a = {.n_q_heads = c->nq,
+                                      .n_kv_heads = c->nkv,
+                                      .head_dim = c->d,
+                                      .n_new = c->n_new,
+                                      .pos0 = c->pos0,
+                                      .q = q,
+                                      .k = k,
+                                      .v = v,
+                                      .dtype = c->dt,
+                                      .head_stride = (size_t)c->d,
+                                      .token_stride = (size_t)c->nkv * c->d,
+                                      .out = out};
     cr_assert_eq(ckv_attn_prefill(ctx, &a), 0);
     a.out = ref;
     cr_assert_eq(ckv_ref_attn_prefill(&a), 0);
@@ -338,16 +381,31 @@ Test(kernels_attn, prefill_last_row_is_decode)
     void *v = ktest_random_kv(&rng, (size_t)n * nkv * d, CKV_DTYPE_F16, 1.0f);
     float *pout = malloc(sizeof(float) * n_new * nq * d);
     ckv_ctx_t *ctx = ktest_ctx(CKV_ISA_AUTO, 2);
-    struct ckv_attn_prefill_args p = {.n_q_heads = nq, .n_kv_heads = nkv, .head_dim = d,
-                                      .n_new = n_new, .pos0 = pos0, .q = q, .k = k, .v = v,
-                                      .dtype = CKV_DTYPE_F16, .head_stride = d,
-                                      .token_stride = (size_t)nkv * d, .out = pout};
+    struct ckv_attn_prefill_args p = {.n_q_heads = nq,
+                                      .n_kv_heads = nkv,
+                                      .head_dim = d,
+                                      .n_new = n_new,
+                                      .pos0 = pos0,
+                                      .q = q,
+                                      .k = k,
+                                      .v = v,
+                                      .dtype = CKV_DTYPE_F16,
+                                      .head_stride = d,
+                                      .token_stride = (size_t)nkv * d,
+                                      .out = pout};
     cr_assert_eq(ckv_attn_prefill(ctx, &p), 0);
     memcpy(out, pout + (size_t)(n_new - 1) * nq * d, sizeof(out));
-    struct ckv_attn_full_args f = {.n_q_heads = nq, .n_kv_heads = nkv, .head_dim = d, .n_ctx = n,
-                                   .q = q + (size_t)(n_new - 1) * nq * d, .k = k, .v = v,
-                                   .dtype = CKV_DTYPE_F16, .head_stride = d,
-                                   .token_stride = (size_t)nkv * d, .out = dec};
+    struct ckv_attn_full_args f = {.n_q_heads = nq,
+                                   .n_kv_heads = nkv,
+                                   .head_dim = d,
+                                   .n_ctx = n,
+                                   .q = q + (size_t)(n_new - 1) * nq * d,
+                                   .k = k,
+                                   .v = v,
+                                   .dtype = CKV_DTYPE_F16,
+                                   .head_stride = d,
+                                   .token_stride = (size_t)nkv * d,
+                                   .out = dec};
     cr_assert_eq(ckv_attn_decode_full(ctx, &f), 0);
     cr_assert(ktest_max_abs_diff(out, dec, CKV_ARRAY_LEN(out), NULL) <= ATTN_TOL);
     ckv_ctx_destroy(&ctx);
@@ -361,9 +419,17 @@ Test(kernels_attn, bad_arguments)
     ckv_ctx_t *ctx = ktest_ctx(CKV_ISA_PORTABLE, 1);
     float q[4 * 64] = {0}, out[4 * 64], lse[4];
     uint16_t kv[4 * 16 * 64] = {0};
-    struct ckv_attn_full_args ok = {.n_q_heads = 4, .n_kv_heads = 2, .head_dim = 64, .n_ctx = 16,
-                                    .q = q, .k = kv, .v = kv, .dtype = CKV_DTYPE_F16,
-                                    .head_stride = 16 * 64, .token_stride = 64, .out = out,
+    struct ckv_attn_full_args ok = {.n_q_heads = 4,
+                                    .n_kv_heads = 2,
+                                    .head_dim = 64,
+                                    .n_ctx = 16,
+                                    .q = q,
+                                    .k = kv,
+                                    .v = kv,
+                                    .dtype = CKV_DTYPE_F16,
+                                    .head_stride = 16 * 64,
+                                    .token_stride = 64,
+                                    .out = out,
                                     .lse = lse};
     cr_assert_eq(ckv_attn_decode_full(ctx, &ok), 0);
     struct ckv_attn_full_args a;
@@ -391,10 +457,16 @@ Test(kernels_attn, bad_arguments)
 
     struct ckv_block_ref refs[2] = {{0, 16}, {1, 5}};
     int32_t offs[3] = {0, 1, 2};
-    struct ckv_attn_blocks_args bok = {.n_q_heads = 4, .head_dim = 64, .n_lists = 2,
-                                       .heads_per_list = 2, .q = q, .pool = kv,
-                                       .dtype = CKV_DTYPE_F16, .refs = refs,
-                                       .list_offsets = offs, .out = out};
+    struct ckv_attn_blocks_args bok = {.n_q_heads = 4,
+                                       .head_dim = 64,
+                                       .n_lists = 2,
+                                       .heads_per_list = 2,
+                                       .q = q,
+                                       .pool = kv,
+                                       .dtype = CKV_DTYPE_F16,
+                                       .refs = refs,
+                                       .list_offsets = offs,
+                                       .out = out};
     cr_assert_eq(ckv_attn_decode_blocks(ctx, &bok), 0);
     struct ckv_attn_blocks_args b = bok;
     b.heads_per_list = 3; /* 2 * 3 != 4 */
@@ -409,10 +481,18 @@ Test(kernels_attn, bad_arguments)
     offs[1] = 2, offs[2] = 1; /* decreasing */
     cr_assert_eq(ckv_attn_decode_blocks(ctx, &bok), -EINVAL);
 
-    struct ckv_attn_prefill_args pok = {.n_q_heads = 4, .n_kv_heads = 2, .head_dim = 64,
-                                        .n_new = 4, .pos0 = 0, .q = q, .k = kv, .v = kv,
-                                        .dtype = CKV_DTYPE_F16, .head_stride = 64,
-                                        .token_stride = 128, .out = out};
+    struct ckv_attn_prefill_args pok = {.n_q_heads = 4,
+                                        .n_kv_heads = 2,
+                                        .head_dim = 64,
+                                        .n_new = 4,
+                                        .pos0 = 0,
+                                        .q = q,
+                                        .k = kv,
+                                        .v = kv,
+                                        .dtype = CKV_DTYPE_F16,
+                                        .head_stride = 64,
+                                        .token_stride = 128,
+                                        .out = out};
     float pq[4 * 4 * 64] = {0}, pout[4 * 4 * 64];
     pok.q = pq;
     pok.out = pout;

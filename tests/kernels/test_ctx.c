@@ -141,10 +141,19 @@ Test(kernels_ctx, half_scalar_known_values)
         float f;
         uint16_t h;
     } known[] = {
-        {0.0f, 0x0000},       {-0.0f, 0x8000},     {1.0f, 0x3c00},          {-2.0f, 0xc000},
-        {65504.0f, 0x7bff},   {65520.0f, 0x7c00},  {1e10f, 0x7c00},         {-INFINITY, 0xfc00},
-        {0x1p-14f, 0x0400},   {0x1p-24f, 0x0001},  {0x1p-25f, 0x0000},      {0x1.8p-25f, 0x0001},
-        {1.0009765625f, 0x3c01}, /* exactly 1 + 2^-10 */
+        {0.0f, 0x0000},
+        {-0.0f, 0x8000},
+        {1.0f, 0x3c00},
+        {-2.0f, 0xc000},
+        {65504.0f, 0x7bff},
+        {65520.0f, 0x7c00},
+        {1e10f, 0x7c00},
+        {-INFINITY, 0xfc00},
+        {0x1p-14f, 0x0400},
+        {0x1p-24f, 0x0001},
+        {0x1p-25f, 0x0000},
+        {0x1.8p-25f, 0x0001},
+        {1.0009765625f, 0x3c01},  /* exactly 1 + 2^-10 */
         {1.00048828125f, 0x3c00}, /* halfway between 1 and 1+2^-10: to even (1.0) */
         {1.00146484375f, 0x3c02}, /* halfway between 1+2^-10 and 1+2^-9: to even */
         {0.333251953125f, 0x3555},

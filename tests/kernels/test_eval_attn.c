@@ -88,7 +88,7 @@ static const char *log_text(const char *path)
 }
 
 #define SMALL_ARGS                                                                                 \
-    "--n-prompt", "600", "--steps", "12", "--n-q-heads", "8", "--n-kv-heads", "2", "--head-dim",  \
+    "--n-prompt", "600", "--steps", "12", "--n-q-heads", "8", "--n-kv-heads", "2", "--head-dim",   \
         "64", "--window", "5", "--window-clusters", "2", "--tokens-per-cluster", "40",             \
         "--budgets", "16,64,256,2000", "--hit-r", "4", "--kmeans-iter", "5"
 
@@ -120,9 +120,10 @@ Test(kernels_eval, invariants_and_dump_equals_synthetic, .init = setup, .fini = 
     }
     cr_assert(oracle);
     for (int i = 0; i < n; i++) {
-        const struct row *o = oracle + (r1[i].budget == 16 ? 0 : r1[i].budget == 64 ? 1
-                                        : r1[i].budget == 256          ? 2
-                                                                       : 3);
+        const struct row *o = oracle + (r1[i].budget == 16    ? 0
+                                        : r1[i].budget == 64  ? 1
+                                        : r1[i].budget == 256 ? 2
+                                                              : 3);
         cr_assert_leq(r1[i].recall, o->recall + 1e-9, "%s beats the oracle at %d", r1[i].method,
                       r1[i].budget);
     }

@@ -38,21 +38,20 @@ static void km_free(struct km_result *r)
     free(r->centroids), free(r->sizes), free(r->offsets), free(r->members);
 }
 
-static int km_run(ckv_ctx_t *ctx, const void *keys, enum ckv_dtype dt, int n, int d,
-                  size_t stride, int32_t pos_base, int C, uint64_t seed, struct km_result *r)
+static int km_run(ckv_ctx_t *ctx, const void *keys, enum ckv_dtype dt, int n, int d, size_t stride,
+                  int32_t pos_base, int C, uint64_t seed, struct km_result *r)
 {
     struct ckv_kmeans_params p = {.n_clusters = C, .max_iter = 20, .tol = 0.001f, .seed = seed};
     km_alloc(r, C < n ? C : n, n, d);
     struct ckv_kmeans_out o = {r->centroids, r->sizes, r->offsets, r->members};
     if (!ctx)
-        return ckv_ref_kmeans(keys, dt, n, d, stride, pos_base, &p, &o, &r->n_clusters,
-                              &r->n_iter);
+        return ckv_ref_kmeans(keys, dt, n, d, stride, pos_base, &p, &o, &r->n_clusters, &r->n_iter);
     return ckv_kmeans(ctx, keys, dt, n, d, stride, pos_base, &p, &o, &r->n_clusters, &r->n_iter);
 }
 
 /* CSR invariants and centroid = mean of the raw member keys. */
-static void check_csr(const struct km_result *r, const void *keys, enum ckv_dtype dt, int n,
-                      int d, size_t stride, int32_t pos_base)
+static void check_csr(const struct km_result *r, const void *keys, enum ckv_dtype dt, int n, int d,
+                      size_t stride, int32_t pos_base)
 {
     cr_assert(r->n_clusters >= 1);
     cr_assert_eq(r->offsets[0], 0);
@@ -79,8 +78,7 @@ static void check_csr(const struct km_result *r, const void *keys, enum ckv_dtyp
         for (int i = 0; i < d; i++) {
             double want = mean[i] / r->sizes[c];
             cr_assert(fabs(r->centroids[(size_t)c * d + i] - want) <= 1e-5 * (scale + 1e-30),
-                      "centroid %d[%d] = %g, mean %g", c, i, r->centroids[(size_t)c * d + i],
-                      want);
+                      "centroid %d[%d] = %g, mean %g", c, i, r->centroids[(size_t)c * d + i], want);
         }
         free(mean);
     }

@@ -51,9 +51,8 @@ static void write_dump(const struct ckv_qkv *s, int n_steps_to_write)
             memcpy(k + h * row, (char *)s->k + ckv_qkv_kv_index(s, h, t) * esz, row);
             memcpy(v + h * row, (char *)s->v + ckv_qkv_kv_index(s, h, t) * esz, row);
         }
-        cr_assert_eq(ckv_qkv_writer_step(w, t, s->q + (size_t)st * s->n_q_heads * s->head_dim,
-                                         k, v),
-                     0);
+        cr_assert_eq(
+            ckv_qkv_writer_step(w, t, s->q + (size_t)st * s->n_q_heads * s->head_dim, k, v), 0);
         if (st == 0) { /* readable mid-write: one whole step so far */
             struct ckv_qkv mid;
             char err[256];
@@ -205,8 +204,8 @@ Test(kernels_qkv, writer_bad_arguments, .init = setup, .fini = teardown)
                  -EINVAL);
     cr_assert_eq(ckv_qkv_writer_open(path, 0, 2, 2, 64, CKV_DTYPE_F32, 1, NULL, kv, 64, 64, &w),
                  -EINVAL);
-    cr_assert_eq(ckv_qkv_writer_open("/nonexistent-dir/x.qkv", 0, 2, 2, 64, CKV_DTYPE_F32, 0,
-                                     NULL, NULL, 64, 64, &w),
+    cr_assert_eq(ckv_qkv_writer_open("/nonexistent-dir/x.qkv", 0, 2, 2, 64, CKV_DTYPE_F32, 0, NULL,
+                                     NULL, 64, 64, &w),
                  -ENOENT);
     cr_assert_null(w);
 }

@@ -21,7 +21,7 @@
 #include "ktest.h"
 
 #define SCORE_TOL 1e-4f
-#define ATTN_TOL 2e-5f
+#define ATTN_TOL  2e-5f
 
 struct sel_case {
     int nq, nkv, d;
@@ -69,7 +69,8 @@ static void sel_alloc(struct sel_bufs *b, const struct sel_case *c, struct ktest
 
 static void sel_free(struct sel_bufs *b)
 {
-    free(b->q), free(b->cen), free(b->cen16), free(b->sizes), free(b->offs), free(b->sel), free(b->rsel);
+    free(b->q), free(b->cen), free(b->cen16), free(b->sizes), free(b->offs);
+    free(b->sel), free(b->rsel);
     free(b->cnt), free(b->rcnt), free(b->last), free(b->rlast), free(b->scores), free(b->rscores);
 }
 
@@ -93,7 +94,8 @@ static void check_unit(const struct sel_bufs *b, int u, int h, int budget, const
         taken += i == n - 1 ? b->last[u] : b->sizes[c];
     }
     long want = head_tokens < budget ? head_tokens : budget;
-    cr_assert_eq(taken, want, "%s unit %d: took %ld tokens, want exactly %ld", what, u, taken, want);
+    cr_assert_eq(taken, want, "%s unit %d: took %ld tokens, want exactly %ld", what, u, taken,
+                 want);
     if (n > 0) {
         cr_assert(b->last[u] >= 1 && b->last[u] <= b->sizes[sel[n - 1]]);
         if (n > 1) /* only the last may be truncated; earlier ones were all needed */
@@ -129,41 +131,52 @@ static void run_select_case(ckv_ctx_t *ctx, const struct sel_case *c, uint64_t s
     int G = c->nq / c->nkv;
     static const int budgets[] = {1, 15, 17, 100, 1000, 5000, 1000000};
     for (int f16 = 0; f16 <= 1; f16++) /* f32 centroids, then the f16 copy alone */
-    for (int mode = CKV_SELECT_PER_QHEAD; mode <= CKV_SELECT_KVHEAD_SUM; mode++) {
-        int n_units = mode == CKV_SELECT_PER_QHEAD ? c->nq : c->nkv;
-        for (size_t bi = 0; bi < CKV_ARRAY_LEN(budgets); bi++) {
-            struct ckv_select_args a = {
-                .n_q_heads = c->nq, .n_kv_heads = c->nkv, .head_dim = c->d,
-                .mode = (enum ckv_select_mode)mode, .q = b.q, .centroids = f16 ? NULL : b.cen,
-                .centroids_f16 = f16 ? b.cen16 : NULL,
-                .sizes = b.sizes, .head_offsets = b.offs, .n_clusters_total = b.total,
-                .budget = budgets[bi], .max_selected = b.max_sel, .sel_clusters = b.sel,
-                .sel_count = b.cnt, .sel_last_take = b.last, .scores = b.scores};
-            cr_assert_eq(ckv_select_clusters(ctx, &a), 0);
-            struct ckv_select_args r = a;
-            r.sel_clusters = b.rsel, r.sel_count = b.rcnt, r.sel_last_take = b.rlast;
-            r.scores = b.rscores;
-            cr_assert_eq(ckv_ref_select_clusters(&r), 0);
-            char what[128];
-            snprintf(what, sizeof(what), "%s nq=%d nkv=%d d=%d C=%d mode=%d B=%d %s",
-                     ckv_ctx_describe(ctx), c->nq, c->nkv, c->d, c->clusters_per_head, mode,
-                     budgets[bi], f16 ? "f16 centroids" : "f32 centroids");
-            for (int u = 0; u < n_units; u++) {
-                int h = mode == CKV_SELECT_PER_QHEAD ? u / G : u;
-                check_unit(&b, u, h, budgets[bi], what);
-                if (c->integer) { /* exact: bit-equal to the reference, ties included */
-                    cr_assert_eq(b.cnt[u], b.rcnt[u], "%s unit %d count", what, u);
-                    cr_assert_eq(b.last[u], b.rlast[u], "%s", what);
-                    cr_assert_arr_eq(b.sel + (size_t)u * b.max_sel, b.rsel + (size_t)u * b.max_sel,
-                                     sizeof(int32_t) * b.cnt[u], "%s unit %d order", what, u);
-                }
-                for (int cc = b.offs[h]; cc < b.offs[h + 1]; cc++) {
-                    float s = b.scores[(size_t)u * b.total + cc], rs = b.rscores[(size_t)u * b.total + cc];
-                    cr_assert(fabsf(s - rs) <= 1e-4f * (1.0f + fabsf(rs)), "%s: score", what);
+        for (int mode = CKV_SELECT_PER_QHEAD; mode <= CKV_SELECT_KVHEAD_SUM; mode++) {
+            int n_units = mode == CKV_SELECT_PER_QHEAD ? c->nq : c->nkv;
+            for (size_t bi = 0; bi < CKV_ARRAY_LEN(budgets); bi++) {
+                struct ckv_select_args a = {.n_q_heads = c->nq,
+                                            .n_kv_heads = c->nkv,
+                                            .head_dim = c->d,
+                                            .mode = (enum ckv_select_mode)mode,
+                                            .q = b.q,
+                                            .centroids = f16 ? NULL : b.cen,
+                                            .centroids_f16 = f16 ? b.cen16 : NULL,
+                                            .sizes = b.sizes,
+                                            .head_offsets = b.offs,
+                                            .n_clusters_total = b.total,
+                                            .budget = budgets[bi],
+                                            .max_selected = b.max_sel,
+                                            .sel_clusters = b.sel,
+                                            .sel_count = b.cnt,
+                                            .sel_last_take = b.last,
+                                            .scores = b.scores};
+                cr_assert_eq(ckv_select_clusters(ctx, &a), 0);
+                struct ckv_select_args r = a;
+                r.sel_clusters = b.rsel, r.sel_count = b.rcnt, r.sel_last_take = b.rlast;
+                r.scores = b.rscores;
+                cr_assert_eq(ckv_ref_select_clusters(&r), 0);
+                char what[128];
+                snprintf(what, sizeof(what), "%s nq=%d nkv=%d d=%d C=%d mode=%d B=%d %s",
+                         ckv_ctx_describe(ctx), c->nq, c->nkv, c->d, c->clusters_per_head, mode,
+                         budgets[bi], f16 ? "f16 centroids" : "f32 centroids");
+                for (int u = 0; u < n_units; u++) {
+                    int h = mode == CKV_SELECT_PER_QHEAD ? u / G : u;
+                    check_unit(&b, u, h, budgets[bi], what);
+                    if (c->integer) { /* exact: bit-equal to the reference, ties included */
+                        cr_assert_eq(b.cnt[u], b.rcnt[u], "%s unit %d count", what, u);
+                        cr_assert_eq(b.last[u], b.rlast[u], "%s", what);
+                        cr_assert_arr_eq(b.sel + (size_t)u * b.max_sel,
+                                         b.rsel + (size_t)u * b.max_sel, sizeof(int32_t) * b.cnt[u],
+                                         "%s unit %d order", what, u);
+                    }
+                    for (int cc = b.offs[h]; cc < b.offs[h + 1]; cc++) {
+                        float s = b.scores[(size_t)u * b.total + cc],
+                              rs = b.rscores[(size_t)u * b.total + cc];
+                        cr_assert(fabsf(s - rs) <= 1e-4f * (1.0f + fabsf(rs)), "%s: score", what);
+                    }
                 }
             }
         }
-    }
     sel_free(&b);
 }
 
@@ -200,10 +213,19 @@ Test(kernels_select, ranking_is_exact_and_ties_go_to_lower_index)
         sizes[c] = 1;
     }
     ckv_ctx_t *ctx = ktest_ctx(CKV_ISA_AUTO, 2);
-    struct ckv_select_args a = {.n_q_heads = 1, .n_kv_heads = 1, .head_dim = d, .q = q,
-                                .centroids = cen, .sizes = sizes, .head_offsets = offs,
-                                .n_clusters_total = C, .budget = C, .max_selected = C,
-                                .sel_clusters = sel, .sel_count = &cnt, .sel_last_take = &last};
+    struct ckv_select_args a = {.n_q_heads = 1,
+                                .n_kv_heads = 1,
+                                .head_dim = d,
+                                .q = q,
+                                .centroids = cen,
+                                .sizes = sizes,
+                                .head_offsets = offs,
+                                .n_clusters_total = C,
+                                .budget = C,
+                                .max_selected = C,
+                                .sel_clusters = sel,
+                                .sel_count = &cnt,
+                                .sel_last_take = &last};
     cr_assert_eq(ckv_select_clusters(ctx, &a), 0);
     cr_assert_eq(cnt, C);
     for (int i = 1; i < C; i++) {
@@ -219,10 +241,19 @@ Test(kernels_select, errors)
     ckv_ctx_t *ctx = ktest_ctx(CKV_ISA_PORTABLE, 1);
     float q[2 * 64] = {0}, cen[4 * 64] = {0};
     int32_t sizes[4] = {5, 5, 5, 5}, offs[3] = {0, 2, 4}, sel[8], cnt[2], last[2];
-    struct ckv_select_args ok = {.n_q_heads = 2, .n_kv_heads = 2, .head_dim = 64, .q = q,
-                                 .centroids = cen, .sizes = sizes, .head_offsets = offs,
-                                 .n_clusters_total = 4, .budget = 7, .max_selected = 2,
-                                 .sel_clusters = sel, .sel_count = cnt, .sel_last_take = last};
+    struct ckv_select_args ok = {.n_q_heads = 2,
+                                 .n_kv_heads = 2,
+                                 .head_dim = 64,
+                                 .q = q,
+                                 .centroids = cen,
+                                 .sizes = sizes,
+                                 .head_offsets = offs,
+                                 .n_clusters_total = 4,
+                                 .budget = 7,
+                                 .max_selected = 2,
+                                 .sel_clusters = sel,
+                                 .sel_count = cnt,
+                                 .sel_last_take = last};
     cr_assert_eq(ckv_select_clusters(ctx, &ok), 0);
     struct ckv_select_args a = ok;
     a.max_selected = 1; /* min(B, 2 clusters) = 2 needed */
@@ -268,14 +299,16 @@ Test(kernels_select, quest_vs_reference)
         float q[12 * 64];
         for (int i = 0; i < nq * d; i++)
             q[i] = (float)ktest_int(&rng, -2, 2);
-        float *mn = malloc(sizeof(float) * nkv * np * d), *mx = malloc(sizeof(float) * nkv * np * d);
+        float *mn = malloc(sizeof(float) * nkv * np * d),
+              *mx = malloc(sizeof(float) * nkv * np * d);
         float *rmn = malloc(sizeof(float) * np * d), *rmx = malloc(sizeof(float) * np * d);
         for (int i = 0; i < n_isa; i++) {
             ckv_ctx_t *ctx = ktest_ctx(isas[i], 2);
             for (int h = 0; h < nkv; h++) {
                 const char *kh = (const char *)k + (size_t)h * n_tok * d * ckv_dtype_size(dt);
                 cr_assert_eq(ckv_quest_page_bounds(ctx, kh, (enum ckv_dtype)dt, n_tok, d, d,
-                                                   mn + (size_t)h * np * d, mx + (size_t)h * np * d),
+                                                   mn + (size_t)h * np * d,
+                                                   mx + (size_t)h * np * d),
                              0);
                 ckv_ref_quest_page_bounds(kh, (enum ckv_dtype)dt, n_tok, d, d, rmn, rmx);
                 cr_assert_arr_eq(mn + (size_t)h * np * d, rmn, sizeof(float) * np * d);
@@ -286,10 +319,16 @@ Test(kernels_select, quest_vs_reference)
                     int n_units = mode == 0 ? nq : nkv;
                     int32_t *sp = malloc(sizeof(int32_t) * n_units * n_sel), cnt[12];
                     int32_t *rsp = malloc(sizeof(int32_t) * n_units * n_sel), rcnt[12];
-                    struct ckv_quest_args a = {.n_q_heads = nq, .n_kv_heads = nkv, .head_dim = d,
-                                               .mode = (enum ckv_select_mode)mode, .q = q,
-                                               .page_min = mn, .page_max = mx, .n_pages = np,
-                                               .n_select = n_sel, .sel_pages = sp,
+                    struct ckv_quest_args a = {.n_q_heads = nq,
+                                               .n_kv_heads = nkv,
+                                               .head_dim = d,
+                                               .mode = (enum ckv_select_mode)mode,
+                                               .q = q,
+                                               .page_min = mn,
+                                               .page_max = mx,
+                                               .n_pages = np,
+                                               .n_select = n_sel,
+                                               .sel_pages = sp,
                                                .sel_count = cnt};
                     cr_assert_eq(ckv_quest_select(ctx, &a), 0);
                     a.sel_pages = rsp, a.sel_count = rcnt;
@@ -360,7 +399,8 @@ Test(kernels_select, oracle_vs_reference)
             static const int budgets[] = {1, 100, 1023, 1500};
             for (size_t bi = 0; bi < CKV_ARRAY_LEN(budgets); bi++) {
                 int B = budgets[bi];
-                int32_t *sel = malloc(sizeof(int32_t) * nq * B), *rsel = malloc(sizeof(int32_t) * nq * B);
+                int32_t *sel = malloc(sizeof(int32_t) * nq * B),
+                        *rsel = malloc(sizeof(int32_t) * nq * B);
                 cr_assert_eq(ckv_oracle_topk(ctx, q, k, CKV_DTYPE_F16, nq, nkv, d, n, (size_t)n * d,
                                              d, B, sel),
                              0);
@@ -374,7 +414,8 @@ Test(kernels_select, oracle_vs_reference)
                             s[t] = 0;
                             for (int j = 0; j < d; j++)
                                 s[t] += (double)q[h * d + j] *
-                                        ckv_half_to_f32(((uint16_t *)k)[((size_t)(h / 4) * n + t) * d + j]);
+                                        ckv_half_to_f32(
+                                            ((uint16_t *)k)[((size_t)(h / 4) * n + t) * d + j]);
                         }
                         char *in = calloc(n, 1);
                         double worst = INFINITY;
@@ -398,9 +439,9 @@ Test(kernels_select, oracle_vs_reference)
             cr_assert_eq(ckv_oracle_topk(ctx, q, k, CKV_DTYPE_F16, nq, nkv, d, n, (size_t)n * d, d,
                                          n + 1, one),
                          -EINVAL);
-            cr_assert_eq(ckv_oracle_topk(ctx, q, k, CKV_DTYPE_F16, nq, nkv, d, n, (size_t)n * d, d,
-                                         0, one),
-                         -EINVAL);
+            cr_assert_eq(
+                ckv_oracle_topk(ctx, q, k, CKV_DTYPE_F16, nq, nkv, d, n, (size_t)n * d, d, 0, one),
+                -EINVAL);
             ckv_ctx_destroy(&ctx);
         }
         free(k);
@@ -429,20 +470,28 @@ static void check_sparse_equals_full(ckv_ctx_t *ctx, const struct sparse_case *c
     cr_assert_eq(ckv_sparse_layout_init(&l, c->nkv, cap_c, c->nkv * c->n_ctx), 0);
     float *cen = malloc(sizeof(float) * cap_c * c->d);
     void *pool = malloc(ckv_block_bytes(c->d, c->dt) * slots);
-    struct ckv_kmeans_params kp = {.n_clusters = c->clusters, .max_iter = 10, .tol = 0.001f,
-                                   .seed = 3};
+    struct ckv_kmeans_params kp = {
+        .n_clusters = c->clusters, .max_iter = 10, .tol = 0.001f, .seed = 3};
     size_t esz = ckv_dtype_size(c->dt);
     for (int h = 0; h < c->nkv; h++)
         cr_assert_eq(ckv_sparse_add_head(ctx, &l, h, (char *)k + (size_t)h * c->n_ctx * c->d * esz,
-                                         (char *)v + (size_t)h * c->n_ctx * c->d * esz, c->dt,
-                                         c->d, c->d, c->n_ctx, c->sinks, c->window, &kp, cen,
-                                         pool, slots),
+                                         (char *)v + (size_t)h * c->n_ctx * c->d * esz, c->dt, c->d,
+                                         c->d, c->n_ctx, c->sinks, c->window, &kp, cen, pool,
+                                         slots),
                      0);
-    float *full = malloc(sizeof(float) * c->nq * c->d), *sparse = malloc(sizeof(float) * c->nq * c->d);
-    struct ckv_attn_full_args fa = {.n_q_heads = c->nq, .n_kv_heads = c->nkv, .head_dim = c->d,
-                                    .n_ctx = c->n_ctx, .q = q, .k = k, .v = v, .dtype = c->dt,
+    float *full = malloc(sizeof(float) * c->nq * c->d),
+          *sparse = malloc(sizeof(float) * c->nq * c->d);
+    struct ckv_attn_full_args fa = {.n_q_heads = c->nq,
+                                    .n_kv_heads = c->nkv,
+                                    .head_dim = c->d,
+                                    .n_ctx = c->n_ctx,
+                                    .q = q,
+                                    .k = k,
+                                    .v = v,
+                                    .dtype = c->dt,
                                     .head_stride = (size_t)c->n_ctx * c->d,
-                                    .token_stride = (size_t)c->d, .out = full};
+                                    .token_stride = (size_t)c->d,
+                                    .out = full};
     cr_assert_eq(ckv_attn_decode_full(ctx, &fa), 0);
     int clustered = c->n_ctx - c->sinks - c->window;
     if (clustered < 0)
@@ -452,25 +501,40 @@ static void check_sparse_equals_full(ckv_ctx_t *ctx, const struct sparse_case *c
     int refs_cap = slots + 16;
     struct ckv_block_ref *refs = malloc(sizeof(*refs) * refs_cap * G);
     for (int mode = 0; mode <= 2; mode++) {
-        struct ckv_select_args sa = {
-            .n_q_heads = c->nq, .n_kv_heads = c->nkv, .head_dim = c->d,
-            .mode = (enum ckv_select_mode)mode, .q = q, .centroids = cen, .sizes = l.sizes,
-            .head_offsets = l.head_offsets, .n_clusters_total = l.n_clusters_total,
-            .budget = clustered > 0 ? clustered + ktest_int(&rng, 0, 20) : 1,
-            .max_selected = max_sel, .sel_clusters = sel, .sel_count = cnt, .sel_last_take = last};
+        struct ckv_select_args sa = {.n_q_heads = c->nq,
+                                     .n_kv_heads = c->nkv,
+                                     .head_dim = c->d,
+                                     .mode = (enum ckv_select_mode)mode,
+                                     .q = q,
+                                     .centroids = cen,
+                                     .sizes = l.sizes,
+                                     .head_offsets = l.head_offsets,
+                                     .n_clusters_total = l.n_clusters_total,
+                                     .budget =
+                                         clustered > 0 ? clustered + ktest_int(&rng, 0, 20) : 1,
+                                     .max_selected = max_sel,
+                                     .sel_clusters = sel,
+                                     .sel_count = cnt,
+                                     .sel_last_take = last};
         cr_assert_eq(ckv_select_clusters(ctx, &sa), 0);
         cr_assert_eq(ckv_sparse_lists(&l, (enum ckv_select_mode)mode, c->nq, sel, cnt, last,
                                       max_sel, refs, refs_cap * G, offs),
                      0);
         int hpl = mode == CKV_SELECT_PER_QHEAD ? 1 : G;
-        struct ckv_attn_blocks_args ba = {.n_q_heads = c->nq, .head_dim = c->d,
-                                          .n_lists = c->nq / hpl, .heads_per_list = hpl, .q = q,
-                                          .pool = pool, .dtype = c->dt, .refs = refs,
-                                          .list_offsets = offs, .out = sparse};
+        struct ckv_attn_blocks_args ba = {.n_q_heads = c->nq,
+                                          .head_dim = c->d,
+                                          .n_lists = c->nq / hpl,
+                                          .heads_per_list = hpl,
+                                          .q = q,
+                                          .pool = pool,
+                                          .dtype = c->dt,
+                                          .refs = refs,
+                                          .list_offsets = offs,
+                                          .out = sparse};
         cr_assert_eq(ckv_attn_decode_blocks(ctx, &ba), 0);
         float err = ktest_max_abs_diff(sparse, full, (size_t)c->nq * c->d, NULL);
-        cr_assert(err <= ATTN_TOL, "%s mode %d n_ctx %d: sparse vs full %g",
-                  ckv_ctx_describe(ctx), mode, c->n_ctx, err);
+        cr_assert(err <= ATTN_TOL, "%s mode %d n_ctx %d: sparse vs full %g", ckv_ctx_describe(ctx),
+                  mode, c->n_ctx, err);
     }
     ckv_sparse_layout_free(&l);
     free(k), free(v), free(q), free(cen), free(pool), free(full), free(sparse), free(sel);
