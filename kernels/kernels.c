@@ -223,8 +223,8 @@ int ckv_kmeans(ckv_ctx_t *ctx, const void *keys, enum ckv_dtype dtype, int n_tok
         params->max_iter < 1 || !(params->tol >= 0.0f && params->tol <= 1.0f) || !out ||
         !out->centroids || !out->sizes || !out->offsets || !out->members || !n_clusters_host)
         return -EINVAL;
-    return BACKEND(ctx, kmeans)(ctx, keys, dtype, n_tokens, head_dim, row_stride, pos_base, params, out,
-                      n_clusters_host, n_iter_host);
+    return BACKEND(ctx, kmeans)(ctx, keys, dtype, n_tokens, head_dim, row_stride, pos_base, params,
+                                out, n_clusters_host, n_iter_host);
 }
 
 int ckv_pack_blocks(ckv_ctx_t *ctx, const void *k, const void *v, enum ckv_dtype dtype,
@@ -234,7 +234,8 @@ int ckv_pack_blocks(ckv_ctx_t *ctx, const void *k, const void *v, enum ckv_dtype
     if (!ctx || !k || !v || !dtype_ok(dtype) || !head_dim_ok(head_dim) ||
         token_stride < (size_t)head_dim || !rows || n_rows < 1 || !pool || !slots)
         return -EINVAL;
-    return BACKEND(ctx, pack_blocks)(ctx, k, v, dtype, head_dim, token_stride, rows, n_rows, pool, slots);
+    return BACKEND(ctx, pack_blocks)(ctx, k, v, dtype, head_dim, token_stride, rows, n_rows, pool,
+                                     slots);
 }
 
 /* ---- selection ---- */
@@ -257,8 +258,8 @@ int ckv_quest_page_bounds(ckv_ctx_t *ctx, const void *keys, enum ckv_dtype dtype
     if (!ctx || !keys || !dtype_ok(dtype) || n_tokens < 1 || !head_dim_ok(head_dim) ||
         !stride_ok(row_stride, n_tokens, head_dim) || !page_min || !page_max)
         return -EINVAL;
-    return BACKEND(ctx, quest_page_bounds)(ctx, keys, dtype, n_tokens, head_dim, row_stride, page_min,
-                                 page_max);
+    return BACKEND(ctx, quest_page_bounds)(ctx, keys, dtype, n_tokens, head_dim, row_stride,
+                                           page_min, page_max);
 }
 
 int ckv_quest_select(ckv_ctx_t *ctx, const struct ckv_quest_args *a)
@@ -279,8 +280,8 @@ int ckv_oracle_topk(ckv_ctx_t *ctx, const float *q, const void *k, enum ckv_dtyp
         !stride_ok(head_stride, n_kv_heads, head_dim) || budget < 1 || budget > n_ctx ||
         !sel_tokens)
         return -EINVAL;
-    return BACKEND(ctx, oracle_topk)(ctx, q, k, dtype, n_q_heads, n_kv_heads, head_dim, n_ctx, head_stride,
-                           token_stride, budget, sel_tokens);
+    return BACKEND(ctx, oracle_topk)(ctx, q, k, dtype, n_q_heads, n_kv_heads, head_dim, n_ctx,
+                                     head_stride, token_stride, budget, sel_tokens);
 }
 
 /* ---- attention ---- */

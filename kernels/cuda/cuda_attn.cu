@@ -32,14 +32,14 @@
 #include "ckv_math.h"
 #include "cuda_dev.cuh"
 
-#define ATTN_WARPS 4
-#define ATTN_THREADS (ATTN_WARPS * CUDA_WARP)
-#define ATTN_UNROLL 2            /* tokens a warp loads before it uses the first */
-#define ATTN_MIN_SPLIT_TOKENS 256 /* fewest tokens worth a decode split */
-#define ATTN_MIN_SPLIT_REFS 16   /* fewest blocks worth a decode split */
-#define ATTN_CTAS_PER_SM 4       /* decode grid target: CTAs per multiprocessor */
-#define ATTN_PF_SMEM_FLOATS 8192 /* prefill K + V tile: 32 KiB */
-#define ATTN_MERGE_THREADS 128
+#define ATTN_WARPS            4
+#define ATTN_THREADS          (ATTN_WARPS * CUDA_WARP)
+#define ATTN_UNROLL           2    /* tokens a warp loads before it uses the first */
+#define ATTN_MIN_SPLIT_TOKENS 256  /* fewest tokens worth a decode split */
+#define ATTN_MIN_SPLIT_REFS   16   /* fewest blocks worth a decode split */
+#define ATTN_CTAS_PER_SM      4    /* decode grid target: CTAs per multiprocessor */
+#define ATTN_PF_SMEM_FLOATS   8192 /* prefill K + V tile: 32 KiB */
+#define ATTN_MERGE_THREADS    128
 
 template <int EPL> struct attn_rw {
     static constexpr int RW = EPL <= 4 ? 8 : 32 / EPL;
@@ -138,8 +138,8 @@ template <int EPL, int RW> struct attn_cta_smem {
  * [m, l, acc[0..d)] at part + (qh * n_splits + split) * (d + 2). */
 template <typename T, int EPL, int RW>
 static __device__ void attn_cta_finish(const warp_acc<EPL, RW> &w, attn_cta_smem<EPL, RW> &sm,
-                                       int nrows, int qh0, int d, bool vec, int split,
-                                       int n_splits, float *out, float *lse, float *part)
+                                       int nrows, int qh0, int d, bool vec, int split, int n_splits,
+                                       float *out, float *lse, float *part)
 {
     const int lane = threadIdx.x % CUDA_WARP, warp = threadIdx.x / CUDA_WARP;
 #pragma unroll
@@ -231,8 +231,7 @@ static int attn_merge(struct cuda_backend *cb, const float *part, int n_splits, 
 {
     if (n_splits == 1)
         return 0;
-    CUDA_LAUNCH(attn_merge_kernel, nq, ATTN_MERGE_THREADS, cb->stream, part, n_splits, d, out,
-                lse);
+    CUDA_LAUNCH(attn_merge_kernel, nq, ATTN_MERGE_THREADS, cb->stream, part, n_splits, d, out, lse);
     CUDA_CHECK_LAUNCH(cb);
     return 0;
 }
@@ -407,8 +406,8 @@ static __global__ void __launch_bounds__(ATTN_THREADS)
         for (int i = 0; i < ref.n_tokens; i += ATTN_UNROLL) {
             int nt = ref.n_tokens - i < ATTN_UNROLL ? ref.n_tokens - i : ATTN_UNROLL;
             warp_attend<T>(w, nrows, blk + (size_t)i * p.d,
-                           blk + (size_t)(CKV_BLOCK_TOKENS + i) * p.d, (size_t)p.d, nt, p.d,
-                           p.vec, lane);
+                           blk + (size_t)(CKV_BLOCK_TOKENS + i) * p.d, (size_t)p.d, nt, p.d, p.vec,
+                           lane);
         }
     }
     attn_cta_finish<T>(w, sm, nrows, qh0, p.d, p.vec, split, p.n_splits, p.out, p.lse, p.part);

@@ -45,11 +45,11 @@ struct cuda_status {
 
 struct cuda_backend {
     int device;
-    int n_sm;                        /* multiprocessors: sizes the split-K grids */
+    int n_sm; /* multiprocessors: sizes the split-K grids */
     cudaStream_t stream;
     cublasHandle_t cublas;
-    int poisoned;                    /* a CUDA error happened: every call returns -EIO */
-    void *scratch;                   /* device scratch, scratch_bytes, reused by every call */
+    int poisoned;  /* a CUDA error happened: every call returns -EIO */
+    void *scratch; /* device scratch, scratch_bytes, reused by every call */
     size_t scratch_bytes;
     struct cuda_status *status_dev;  /* device: written by check kernels */
     struct cuda_status *status_host; /* pinned host copy */

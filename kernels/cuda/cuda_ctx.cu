@@ -33,8 +33,8 @@ int cuda_fail(struct cuda_backend *cb, cudaError_t err, const char *what, const 
         LOG_WARN("cuda: %s: out of device memory (%s:%d)", what, file, line);
         return -ENOMEM;
     }
-    LOG_ERROR("cuda:%d: %s failed: %s (%d) at %s:%d; context poisoned", cb ? cb->device : -1,
-              what, cudaGetErrorString(err), (int)err, file, line);
+    LOG_ERROR("cuda:%d: %s failed: %s (%d) at %s:%d; context poisoned", cb ? cb->device : -1, what,
+              cudaGetErrorString(err), (int)err, file, line);
     if (cb)
         cb->poisoned = 1;
     return -EIO;
@@ -267,8 +267,8 @@ static __global__ void convert_f32_to_f16(const float *__restrict__ src, uint16_
         dst[i] = ckv_half_from_f32(src[i]);
 }
 
-extern "C" int cuda_convert(struct ckv_ctx *ctx, void *dst, enum ckv_dtype dst_dt,
-                            const void *src, enum ckv_dtype src_dt, size_t n)
+extern "C" int cuda_convert(struct ckv_ctx *ctx, void *dst, enum ckv_dtype dst_dt, const void *src,
+                            enum ckv_dtype src_dt, size_t n)
 {
     struct cuda_backend *cb;
     int rc = cuda_enter(ctx, &cb);
@@ -284,11 +284,11 @@ extern "C" int cuda_convert(struct ckv_ctx *ctx, void *dst, enum ckv_dtype dst_d
     size_t most = (size_t)cb->n_sm * 8;
     unsigned grid = (unsigned)(blocks < most ? blocks : most);
     if (src_dt == CKV_DTYPE_F16)
-        CUDA_LAUNCH(convert_f16_to_f32, grid, 256, cb->stream, (const uint16_t *)src,
-                    (float *)dst, n);
+        CUDA_LAUNCH(convert_f16_to_f32, grid, 256, cb->stream, (const uint16_t *)src, (float *)dst,
+                    n);
     else
-        CUDA_LAUNCH(convert_f32_to_f16, grid, 256, cb->stream, (const float *)src,
-                    (uint16_t *)dst, n);
+        CUDA_LAUNCH(convert_f32_to_f16, grid, 256, cb->stream, (const float *)src, (uint16_t *)dst,
+                    n);
     CUDA_CHECK_LAUNCH(cb);
     return 0;
 }

@@ -42,8 +42,7 @@ template <typename T> struct dev_vec {
 };
 
 /* Loads a run of VV (1, 2 or 4) elements starting at p into x[0..VV). */
-template <int VV>
-static __device__ __forceinline__ void dev_load_run(const uint16_t *p, float *x)
+template <int VV> static __device__ __forceinline__ void dev_load_run(const uint16_t *p, float *x)
 {
     if (VV == 4) {
         uint2 u = *reinterpret_cast<const uint2 *>(p);
@@ -60,8 +59,7 @@ static __device__ __forceinline__ void dev_load_run(const uint16_t *p, float *x)
     }
 }
 
-template <int VV>
-static __device__ __forceinline__ void dev_load_run(const float *p, float *x)
+template <int VV> static __device__ __forceinline__ void dev_load_run(const float *p, float *x)
 {
     if (VV == 2) {
         float2 f = *reinterpret_cast<const float2 *>(p);
@@ -126,13 +124,13 @@ static inline bool dev_vec_ok(const void *base, int d, size_t stride_a, size_t s
  * lane elements EPL that head_dim d needs (2, 4, 8, 16 for d <= 64, 128, 256, 512; kernels.c
  * bounds d by CKV_MAX_HEAD_DIM = 512). */
 #define DEV_DISPATCH(run, f16, d, ...)                                                             \
-    ((f16) ? ((d) <= 64    ? run<uint16_t, 2>(__VA_ARGS__)                                          \
-              : (d) <= 128 ? run<uint16_t, 4>(__VA_ARGS__)                                          \
-              : (d) <= 256 ? run<uint16_t, 8>(__VA_ARGS__)                                          \
-                           : run<uint16_t, 16>(__VA_ARGS__))                                        \
-           : ((d) <= 64    ? run<float, 2>(__VA_ARGS__)                                             \
-              : (d) <= 128 ? run<float, 4>(__VA_ARGS__)                                             \
-              : (d) <= 256 ? run<float, 8>(__VA_ARGS__)                                             \
+    ((f16) ? ((d) <= 64    ? run<uint16_t, 2>(__VA_ARGS__)                                         \
+              : (d) <= 128 ? run<uint16_t, 4>(__VA_ARGS__)                                         \
+              : (d) <= 256 ? run<uint16_t, 8>(__VA_ARGS__)                                         \
+                           : run<uint16_t, 16>(__VA_ARGS__))                                       \
+           : ((d) <= 64    ? run<float, 2>(__VA_ARGS__)                                            \
+              : (d) <= 128 ? run<float, 4>(__VA_ARGS__)                                            \
+              : (d) <= 256 ? run<float, 8>(__VA_ARGS__)                                            \
                            : run<float, 16>(__VA_ARGS__)))
 
 /* Sum over the warp; every lane gets the same bits (a butterfly: each step adds the same two

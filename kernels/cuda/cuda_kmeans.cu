@@ -35,7 +35,7 @@
 #include "ckv_rng.h"
 #include "cuda_dev.cuh"
 
-#define KM_CHUNK 1024          /* rows per init chunk: the CPU's, for the same chunk sums */
+#define KM_CHUNK   1024 /* rows per init chunk: the CPU's, for the same chunk sums */
 #define KM_THREADS 256
 #define KM_S_BYTES (64u << 20) /* similarity rows per assignment GEMM: at most 64 MiB */
 
@@ -263,8 +263,8 @@ static __global__ void km_out_members(const int32_t *order, int n, int32_t pos_b
 
 template <typename T>
 static __global__ void km_out_centroids(const T *keys, size_t row_stride, const int32_t *order,
-                                        const int32_t *start, const int32_t *old_of_new,
-                                        int n_out, int d, float *centroids, int32_t *sizes)
+                                        const int32_t *start, const int32_t *old_of_new, int n_out,
+                                        int d, float *centroids, int32_t *sizes)
 {
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (int64_t)n_out * d)
@@ -313,8 +313,8 @@ static int km_layout(struct cuda_backend *cb, struct cuda_arena *ar, int n, int 
 static int km_group(struct cuda_backend *cb, struct km_dev *k, int n, int C)
 {
     CUDA_CHECK(cb, cudaMemsetAsync(k->count, 0, (size_t)C * sizeof(int32_t), cb->stream));
-    CUDA_LAUNCH(km_group_keys, cuda_blocks((size_t)n, KM_THREADS), KM_THREADS, cb->stream,
-                k->label, n, C, k->rank.keys_in, k->count);
+    CUDA_LAUNCH(km_group_keys, cuda_blocks((size_t)n, KM_THREADS), KM_THREADS, cb->stream, k->label,
+                n, C, k->rank.keys_in, k->count);
     CUDA_CHECK_LAUNCH(cb);
     int rc = cuda_rank_sort(cb, &k->rank);
     if (rc)
@@ -331,11 +331,11 @@ static int km_init(struct cuda_backend *cb, struct km_dev *k, int n, int d, int 
 {
     auto *update = km_init_update<EPL>;
     for (int c = 0; c < C; c++) {
-        CUDA_LAUNCH(km_init_pick, 1, 128, cb->stream, c, n, d, n_chunks, k->uniform,
-                    k->chunk_sum, k->D, k->Xh, k->U);
+        CUDA_LAUNCH(km_init_pick, 1, 128, cb->stream, c, n, d, n_chunks, k->uniform, k->chunk_sum,
+                    k->D, k->Xh, k->U);
         CUDA_CHECK_LAUNCH(cb);
-        CUDA_LAUNCH(update, n_chunks, KM_THREADS, cb->stream, c, n, d, k->Xh, k->U, k->D,
-                    k->label, k->chunk_sum);
+        CUDA_LAUNCH(update, n_chunks, KM_THREADS, cb->stream, c, n, d, k->Xh, k->U, k->D, k->label,
+                    k->chunk_sum);
         CUDA_CHECK_LAUNCH(cb);
     }
     return 0;
@@ -358,11 +358,10 @@ static int km_iterate(struct cuda_backend *cb, struct km_dev *k, int n, int d, i
     if (rc)
         return rc;
     size_t cd = (size_t)C * d;
-    CUDA_LAUNCH(km_update_sum, cuda_blocks(cd, KM_THREADS), KM_THREADS, cb->stream, k->X,
-                k->order, k->start, C, d, k->U);
+    CUDA_LAUNCH(km_update_sum, cuda_blocks(cd, KM_THREADS), KM_THREADS, cb->stream, k->X, k->order,
+                k->start, C, d, k->U);
     CUDA_CHECK_LAUNCH(cb);
-    CUDA_LAUNCH(km_update_norm, cuda_blocks((size_t)C, 128), 128, cb->stream, k->count, C, d,
-                k->U);
+    CUDA_LAUNCH(km_update_norm, cuda_blocks((size_t)C, 128), 128, cb->stream, k->count, C, d, k->U);
     CUDA_CHECK_LAUNCH(cb);
     CUDA_CHECK(cb, cudaMemsetAsync(k->changes, 0, sizeof(int), cb->stream));
     const float one = 1.0f, zero = 0.0f;
@@ -503,8 +502,8 @@ extern "C" int cuda_kmeans(struct ckv_ctx *ctx, const void *keys, enum ckv_dtype
                         k.old_of_new, n_out, d, out->centroids, out->sizes);
         else
             CUDA_LAUNCH(km_out_centroids<float>, cuda_blocks(nd, KM_THREADS), KM_THREADS,
-                        cb->stream, (const float *)keys, row_stride, k.order, k.start,
-                        k.old_of_new, n_out, d, out->centroids, out->sizes);
+                        cb->stream, (const float *)keys, row_stride, k.order, k.start, k.old_of_new,
+                        n_out, d, out->centroids, out->sizes);
         cudaError_t err = cudaGetLastError();
         if (err == cudaSuccess)
             err = cudaStreamSynchronize(cb->stream); /* h's buffers are freed below */
@@ -541,8 +540,7 @@ static __global__ void pack_check(const int32_t *rows, int n_rows, const int32_t
  * V rows. Elements are copied as they are (no conversion). */
 template <typename T>
 static __global__ void pack_kernel(const T *k, const T *v, int d, size_t token_stride,
-                                   const int32_t *rows, int n_rows, T *pool,
-                                   const int32_t *slots)
+                                   const int32_t *rows, int n_rows, T *pool, const int32_t *slots)
 {
     const int b = blockIdx.x;
     T *blk = pool + (size_t)slots[b] * 2 * CKV_BLOCK_TOKENS * d;

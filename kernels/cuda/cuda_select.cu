@@ -21,7 +21,7 @@
 #include "ckv_math.h"
 #include "cuda_dev.cuh"
 
-#define SEL_WARPS 4
+#define SEL_WARPS   4
 #define SEL_THREADS (SEL_WARPS * CUDA_WARP)
 
 /* Per selection unit: first query row, rows, KV head (as the CPU's unit_rows). */
@@ -77,10 +77,10 @@ static __global__ void select_check(const int32_t *offs, int n_kv, const int32_t
 
 struct select_params {
     const float *q;
-    const void *cen;     /* f32 or f16 centroids */
+    const void *cen; /* f32 or f16 centroids */
     const int32_t *sizes, *offs;
-    float *scores;       /* (n_units, total) */
-    uint64_t *keys;      /* ranking keys, unit segments packed */
+    float *scores;  /* (n_units, total) */
+    uint64_t *keys; /* ranking keys, unit segments packed */
     int *seg_begin, *seg_end;
     int G, d, total, mode, vec;
 };
@@ -196,8 +196,7 @@ static __global__ void select_take(const uint64_t *sorted, const int *seg_begin,
 }
 
 template <typename T, int EPL>
-static int select_score_run(struct cuda_backend *cb, struct select_params p, int n_kv,
-                            int max_head)
+static int select_score_run(struct cuda_backend *cb, struct select_params p, int n_kv, int max_head)
 {
     p.vec = p.total > 0 && dev_vec_ok<T, EPL>(p.cen, p.d, (size_t)p.d, (size_t)p.d);
     int chunks = (max_head + SEL_WARPS * 4 - 1) / (SEL_WARPS * 4); /* ~4 clusters per warp */
@@ -315,8 +314,7 @@ extern "C" int cuda_quest_page_bounds(struct ckv_ctx *ctx, const void *keys, enu
 /* A thread per (unit, page): the score sum_i max(q_i M_i, q_i m_i) per query row in the CPU's
  * order and rounding, folded over the unit's rows as the CPU folds them; its ranking key. */
 static __global__ void quest_score(const float *q, const float *page_min, const float *page_max,
-                                   int n_pages, int n_units, int G, int d, int mode,
-                                   uint64_t *keys)
+                                   int n_pages, int n_units, int G, int d, int mode, uint64_t *keys)
 {
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (int64_t)n_units * n_pages)
@@ -447,8 +445,8 @@ static int oracle_score_run(struct cuda_backend *cb, struct oracle_params p, int
 {
     p.vec = dev_vec_ok<T, EPL>(p.k, p.d, p.head_stride, p.token_stride);
     auto *kern = oracle_score<T, EPL>;
-    CUDA_LAUNCH(kern, dim3(cuda_blocks((size_t)p.n_ctx, SEL_WARPS), n_kv), SEL_THREADS,
-                cb->stream, p);
+    CUDA_LAUNCH(kern, dim3(cuda_blocks((size_t)p.n_ctx, SEL_WARPS), n_kv), SEL_THREADS, cb->stream,
+                p);
     CUDA_CHECK_LAUNCH(cb);
     return 0;
 }

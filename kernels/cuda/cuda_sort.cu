@@ -35,8 +35,7 @@ static int sort_keys_desc(struct cuda_backend *cb, void *temp, size_t *temp_byte
     return 0;
 #else
     CUDA_CHECK(cb, cub::DeviceSegmentedRadixSort::SortKeysDescending(
-                       temp, *temp_bytes, in, out, n_keys, n_seg, begin, end, 0, 64,
-                       cb->stream));
+                       temp, *temp_bytes, in, out, n_keys, n_seg, begin, end, 0, 64, cb->stream));
     return 0;
 #endif
 }
@@ -76,6 +75,6 @@ int cuda_rank_uniform(struct cuda_backend *cb, struct cuda_rank *r, int len)
 
 int cuda_rank_sort(struct cuda_backend *cb, struct cuda_rank *r)
 {
-    return sort_keys_desc(cb, r->sort_temp, &r->sort_temp_bytes, r->keys_in, r->keys_out,
-                          r->n_keys, r->n_seg, r->seg_begin, r->seg_end);
+    return sort_keys_desc(cb, r->sort_temp, &r->sort_temp_bytes, r->keys_in, r->keys_out, r->n_keys,
+                          r->n_seg, r->seg_begin, r->seg_end);
 }

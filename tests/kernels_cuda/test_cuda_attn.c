@@ -19,7 +19,7 @@
 #include "kcuda.h"
 
 #define ATTN_TOL 2e-5f
-#define LSE_TOL 1e-4f
+#define LSE_TOL  1e-4f
 
 /* out/lse of the CUDA run against the reference and the CPU run. */
 static void check_outputs(const char *what, const float *out, const float *lse, const float *ref,
@@ -60,11 +60,18 @@ static void check_full(ckv_ctx_t *gpu, ckv_ctx_t *cpu, const struct full_case *c
     float *ref = malloc(q_bytes), *rlse = malloc(sizeof(float) * c->nq);
     float *cpu_out = malloc(q_bytes), *cpu_lse = malloc(sizeof(float) * c->nq);
     struct ckv_attn_full_args a = {
-        .n_q_heads = c->nq, .n_kv_heads = c->nkv, .head_dim = c->d, .n_ctx = c->n_ctx, .q = q,
-        .k = k, .v = v, .dtype = c->dt,
+        .n_q_heads = c->nq,
+        .n_kv_heads = c->nkv,
+        .head_dim = c->d,
+        .n_ctx = c->n_ctx,
+        .q = q,
+        .k = k,
+        .v = v,
+        .dtype = c->dt,
         .head_stride = c->token_major ? (size_t)c->d : (size_t)c->n_ctx * c->d,
         .token_stride = c->token_major ? (size_t)c->nkv * c->d : (size_t)c->d,
-        .out = ref, .lse = rlse};
+        .out = ref,
+        .lse = rlse};
     cr_assert_eq(ckv_ref_attn_decode_full(&a), 0);
     a.out = cpu_out, a.lse = cpu_lse;
     cr_assert_eq(ckv_attn_decode_full(cpu, &a), 0);
@@ -76,10 +83,12 @@ static void check_full(ckv_ctx_t *gpu, ckv_ctx_t *cpu, const struct full_case *c
     g.out = kcuda_alloc(gpu, q_bytes);
     g.lse = kcuda_alloc(gpu, sizeof(float) * c->nq);
     cr_assert_eq(ckv_attn_decode_full(gpu, &g), 0);
-    float *out = kcuda_down(gpu, g.out, q_bytes), *lse = kcuda_down(gpu, g.lse, sizeof(float) * c->nq);
+    float *out = kcuda_down(gpu, g.out, q_bytes),
+          *lse = kcuda_down(gpu, g.lse, sizeof(float) * c->nq);
     char what[160];
     snprintf(what, sizeof(what), "%s full nq=%d nkv=%d d=%d n=%d %s%s", ckv_ctx_describe(gpu),
-             c->nq, c->nkv, c->d, c->n_ctx, ckv_dtype_name(c->dt), c->token_major ? " (t,h,d)" : "");
+             c->nq, c->nkv, c->d, c->n_ctx, ckv_dtype_name(c->dt),
+             c->token_major ? " (t,h,d)" : "");
     check_outputs(what, out, lse, ref, rlse, cpu_out, c->nq, c->d);
     ckv_dev_free(gpu, (void *)g.q), ckv_dev_free(gpu, (void *)g.k), ckv_dev_free(gpu, (void *)g.v);
     ckv_dev_free(gpu, g.out), ckv_dev_free(gpu, g.lse);
@@ -125,12 +134,17 @@ Test(cuda_attn, decode_full_peaked)
             v[t * d + i] = (float)t;
     for (int i = 0; i < d; i++)
         k[321 * d + i] = 10.0f; /* score 10 * 64 / 8 = 80 vs 0 elsewhere */
-    struct ckv_attn_full_args a = {.n_q_heads = 1, .n_kv_heads = 1, .head_dim = d, .n_ctx = n,
+    struct ckv_attn_full_args a = {.n_q_heads = 1,
+                                   .n_kv_heads = 1,
+                                   .head_dim = d,
+                                   .n_ctx = n,
                                    .q = kcuda_up(gpu, q, sizeof(q)),
                                    .k = kcuda_up(gpu, k, (size_t)n * d * 4),
                                    .v = kcuda_up(gpu, v, (size_t)n * d * 4),
-                                   .dtype = CKV_DTYPE_F32, .head_stride = (size_t)n * d,
-                                   .token_stride = d, .out = kcuda_alloc(gpu, sizeof(out))};
+                                   .dtype = CKV_DTYPE_F32,
+                                   .head_stride = (size_t)n * d,
+                                   .token_stride = d,
+                                   .out = kcuda_alloc(gpu, sizeof(out))};
     cr_assert_eq(ckv_attn_decode_full(gpu, &a), 0);
     cr_assert_eq(ckv_copy_d2h(gpu, out, a.out, sizeof(out)), 0);
     for (int i = 0; i < d; i++)
@@ -150,8 +164,7 @@ struct blocks_case {
     int max_refs;
 };
 
-static void check_blocks(ckv_ctx_t *gpu, ckv_ctx_t *cpu, const struct blocks_case *c,
-                         uint64_t seed)
+static void check_blocks(ckv_ctx_t *gpu, ckv_ctx_t *cpu, const struct blocks_case *c, uint64_t seed)
 {
     struct ktest_rng rng = {seed};
     const int G = c->nq / c->nkv, n_slots = 40;
@@ -166,15 +179,23 @@ static void check_blocks(ckv_ctx_t *gpu, ckv_ctx_t *cpu, const struct blocks_cas
     for (int l = 0; l < n_lists; l++) {
         int n = l == 1 ? 0 : ktest_int(&rng, 1, c->max_refs); /* list 1 is empty */
         for (int r = 0; r < n; r++)
-            refs[offs[l] + r] = (struct ckv_block_ref){ktest_int(&rng, 0, n_slots - 1),
-                                                       ktest_int(&rng, 1, 16)};
+            refs[offs[l] + r] =
+                (struct ckv_block_ref){ktest_int(&rng, 0, n_slots - 1), ktest_int(&rng, 1, 16)};
         offs[l + 1] = offs[l] + n;
     }
     float *ref = malloc(q_bytes), *rlse = malloc(sizeof(float) * c->nq);
     float *cpu_out = malloc(q_bytes), *cpu_lse = malloc(sizeof(float) * c->nq);
-    struct ckv_attn_blocks_args a = {.n_q_heads = c->nq, .head_dim = c->d, .n_lists = n_lists,
-                                     .heads_per_list = hpl, .q = q, .pool = pool, .dtype = c->dt,
-                                     .refs = refs, .list_offsets = offs, .out = ref, .lse = rlse};
+    struct ckv_attn_blocks_args a = {.n_q_heads = c->nq,
+                                     .head_dim = c->d,
+                                     .n_lists = n_lists,
+                                     .heads_per_list = hpl,
+                                     .q = q,
+                                     .pool = pool,
+                                     .dtype = c->dt,
+                                     .refs = refs,
+                                     .list_offsets = offs,
+                                     .out = ref,
+                                     .lse = rlse};
     cr_assert_eq(ckv_ref_attn_decode_blocks(&a), 0);
     a.out = cpu_out, a.lse = cpu_lse;
     cr_assert_eq(ckv_attn_decode_blocks(cpu, &a), 0);
@@ -186,7 +207,8 @@ static void check_blocks(ckv_ctx_t *gpu, ckv_ctx_t *cpu, const struct blocks_cas
     g.out = kcuda_alloc(gpu, q_bytes);
     g.lse = kcuda_alloc(gpu, sizeof(float) * c->nq);
     cr_assert_eq(ckv_attn_decode_blocks(gpu, &g), 0);
-    float *out = kcuda_down(gpu, g.out, q_bytes), *lse = kcuda_down(gpu, g.lse, sizeof(float) * c->nq);
+    float *out = kcuda_down(gpu, g.out, q_bytes),
+          *lse = kcuda_down(gpu, g.lse, sizeof(float) * c->nq);
     char what[160];
     snprintf(what, sizeof(what), "%s blocks nq=%d d=%d hpl=%d refs<=%d %s", ckv_ctx_describe(gpu),
              c->nq, c->d, hpl, c->max_refs, ckv_dtype_name(c->dt));
@@ -223,10 +245,14 @@ Test(cuda_attn, decode_blocks_bad_refs)
     uint16_t kv[4 * 32 * 64] = {0};
     struct ckv_block_ref refs[2] = {{0, 16}, {1, 5}};
     int32_t offs[3] = {0, 1, 2};
-    struct ckv_attn_blocks_args a = {.n_q_heads = 4, .head_dim = 64, .n_lists = 2,
-                                     .heads_per_list = 2, .q = kcuda_up(gpu, q, sizeof(q)),
+    struct ckv_attn_blocks_args a = {.n_q_heads = 4,
+                                     .head_dim = 64,
+                                     .n_lists = 2,
+                                     .heads_per_list = 2,
+                                     .q = kcuda_up(gpu, q, sizeof(q)),
                                      .pool = kcuda_up(gpu, kv, sizeof(kv)),
-                                     .dtype = CKV_DTYPE_F16, .refs = kcuda_up(gpu, refs, sizeof(refs)),
+                                     .dtype = CKV_DTYPE_F16,
+                                     .refs = kcuda_up(gpu, refs, sizeof(refs)),
                                      .list_offsets = kcuda_up(gpu, offs, sizeof(offs)),
                                      .out = kcuda_alloc(gpu, sizeof(q))};
     cr_assert_eq(ckv_attn_decode_blocks(gpu, &a), 0);
@@ -273,11 +299,11 @@ Test(cuda_attn, pack_blocks_vs_cpu)
         size_t bb = ckv_block_bytes(d, (enum ckv_dtype)dt);
         char *p1 = malloc(bb * 5);
         memset(p1, 0x5a, bb * 5);
-        cr_assert_eq(ckv_pack_blocks(cpu, k, v, (enum ckv_dtype)dt, d, stride, rows, n_rows, p1,
-                                     slots),
-                     0);
+        cr_assert_eq(
+            ckv_pack_blocks(cpu, k, v, (enum ckv_dtype)dt, d, stride, rows, n_rows, p1, slots), 0);
         void *dk = kcuda_up(gpu, k, kv_bytes), *dv = kcuda_up(gpu, v, kv_bytes);
-        void *drows = kcuda_up(gpu, rows, sizeof(rows)), *dslots = kcuda_up(gpu, slots, sizeof(slots));
+        void *drows = kcuda_up(gpu, rows, sizeof(rows)),
+             *dslots = kcuda_up(gpu, slots, sizeof(slots));
         char *fill = malloc(bb * 5);
         memset(fill, 0x5a, bb * 5);
         void *dpool = kcuda_up(gpu, fill, bb * 5);
@@ -290,12 +316,12 @@ Test(cuda_attn, pack_blocks_vs_cpu)
         int32_t bad_rows[2] = {0, -1}, bad_slots[1] = {-3};
         void *dbr = kcuda_up(gpu, bad_rows, sizeof(bad_rows));
         void *dbs = kcuda_up(gpu, bad_slots, sizeof(bad_slots));
-        cr_assert_eq(ckv_pack_blocks(gpu, dk, dv, (enum ckv_dtype)dt, d, stride, dbr, 2, dpool,
-                                     dslots),
-                     -EINVAL);
-        cr_assert_eq(ckv_pack_blocks(gpu, dk, dv, (enum ckv_dtype)dt, d, stride, drows, 3, dpool,
-                                     dbs),
-                     -EINVAL);
+        cr_assert_eq(
+            ckv_pack_blocks(gpu, dk, dv, (enum ckv_dtype)dt, d, stride, dbr, 2, dpool, dslots),
+            -EINVAL);
+        cr_assert_eq(
+            ckv_pack_blocks(gpu, dk, dv, (enum ckv_dtype)dt, d, stride, drows, 3, dpool, dbs),
+            -EINVAL);
         ckv_dev_free(gpu, dk), ckv_dev_free(gpu, dv), ckv_dev_free(gpu, drows);
         ckv_dev_free(gpu, dslots), ckv_dev_free(gpu, dpool), ckv_dev_free(gpu, dbr);
         ckv_dev_free(gpu, dbs);
@@ -335,14 +361,26 @@ Test(cuda_attn, all_blocks_equal_full)
         offs[h + 1] = offs[h] + nb;
     }
     void *dq = kcuda_up(gpu, q, sizeof(q));
-    struct ckv_attn_full_args fa = {.n_q_heads = nq, .n_kv_heads = nkv, .head_dim = d, .n_ctx = n,
-                                    .q = dq, .k = dk, .v = dv, .dtype = CKV_DTYPE_F16,
-                                    .head_stride = (size_t)n * d, .token_stride = d,
+    struct ckv_attn_full_args fa = {.n_q_heads = nq,
+                                    .n_kv_heads = nkv,
+                                    .head_dim = d,
+                                    .n_ctx = n,
+                                    .q = dq,
+                                    .k = dk,
+                                    .v = dv,
+                                    .dtype = CKV_DTYPE_F16,
+                                    .head_stride = (size_t)n * d,
+                                    .token_stride = d,
                                     .out = kcuda_alloc(gpu, sizeof(out_full))};
     cr_assert_eq(ckv_attn_decode_full(gpu, &fa), 0);
-    struct ckv_attn_blocks_args ba = {.n_q_heads = nq, .head_dim = d, .n_lists = nkv,
-                                      .heads_per_list = G, .q = dq, .pool = dpool,
-                                      .dtype = CKV_DTYPE_F16, .refs = kcuda_up(gpu, refs, sizeof(refs)),
+    struct ckv_attn_blocks_args ba = {.n_q_heads = nq,
+                                      .head_dim = d,
+                                      .n_lists = nkv,
+                                      .heads_per_list = G,
+                                      .q = dq,
+                                      .pool = dpool,
+                                      .dtype = CKV_DTYPE_F16,
+                                      .refs = kcuda_up(gpu, refs, sizeof(refs)),
                                       .list_offsets = kcuda_up(gpu, offs, sizeof(offs)),
                                       .out = kcuda_alloc(gpu, sizeof(out_blk))};
     cr_assert_eq(ckv_attn_decode_blocks(gpu, &ba), 0);
@@ -377,10 +415,18 @@ static void check_prefill(ckv_ctx_t *gpu, ckv_ctx_t *cpu, const struct prefill_c
     void *k = ktest_random_kv(&rng, kv_elems, c->dt, 1.5f);
     void *v = ktest_random_kv(&rng, kv_elems, c->dt, 1.0f);
     float *ref = malloc(q_bytes), *cpu_out = malloc(q_bytes);
-    struct ckv_attn_prefill_args a = {.n_q_heads = c->nq, .n_kv_heads = c->nkv, .head_dim = c->d,
-                                      .n_new = c->n_new, .pos0 = c->pos0, .q = q, .k = k, .v = v,
-                                      .dtype = c->dt, .head_stride = (size_t)c->d,
-                                      .token_stride = (size_t)c->nkv * c->d, .out = ref};
+    struct ckv_attn_prefill_args a = {.n_q_heads = c->nq,
+                                      .n_kv_heads = c->nkv,
+                                      .head_dim = c->d,
+                                      .n_new = c->n_new,
+                                      .pos0 = c->pos0,
+                                      .q = q,
+                                      .k = k,
+                                      .v = v,
+                                      .dtype = c->dt,
+                                      .head_stride = (size_t)c->d,
+                                      .token_stride = (size_t)c->nkv * c->d,
+                                      .out = ref};
     cr_assert_eq(ckv_ref_attn_prefill(&a), 0);
     a.out = cpu_out;
     cr_assert_eq(ckv_attn_prefill(cpu, &a), 0);

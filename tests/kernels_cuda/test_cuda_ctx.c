@@ -97,8 +97,8 @@ Test(cuda_ctx, convert_is_bit_equal_to_the_scalar_one)
     uint16_t *h2 = kcuda_down(ctx, dh2, n * 2);
     for (size_t i = 0; i < n; i++) {
         float want = ckv_half_to_f32(h[i]);
-        cr_assert(memcmp(&f2[i], &want, 4) == 0, "half 0x%04x -> %a, want %a", h[i],
-                  (double)f2[i], (double)want);
+        cr_assert(memcmp(&f2[i], &want, 4) == 0, "half 0x%04x -> %a, want %a", h[i], (double)f2[i],
+                  (double)want);
         cr_assert_eq(h2[i], ckv_half_from_f32(f[i]), "f=%a", (double)f[i]);
     }
     /* equal dtypes copy */

@@ -34,12 +34,11 @@ static void km_free(struct km_result *r)
 
 /* k-means of host keys on ctx (CPU: host buffers; CUDA: device copies, results brought back).
  * Returns the kernel's return code. */
-static int km_run(ckv_ctx_t *ctx, const void *keys, enum ckv_dtype dt, int n, int d,
-                  size_t stride, int32_t pos_base, int C, int max_iter, uint64_t seed,
-                  struct km_result *r)
+static int km_run(ckv_ctx_t *ctx, const void *keys, enum ckv_dtype dt, int n, int d, size_t stride,
+                  int32_t pos_base, int C, int max_iter, uint64_t seed, struct km_result *r)
 {
-    struct ckv_kmeans_params p = {.n_clusters = C, .max_iter = max_iter, .tol = 0.001f,
-                                  .seed = seed};
+    struct ckv_kmeans_params p = {
+        .n_clusters = C, .max_iter = max_iter, .tol = 0.001f, .seed = seed};
     int cap = C < n ? C : n;
     size_t cen_b = sizeof(float) * (size_t)cap * d, sz_b = sizeof(int32_t) * cap;
     size_t off_b = sizeof(int32_t) * (cap + 1), mem_b = sizeof(int32_t) * n;
@@ -54,8 +53,7 @@ static int km_run(ckv_ctx_t *ctx, const void *keys, enum ckv_dtype dt, int n, in
     void *dkeys = kcuda_up(ctx, keys, key_b);
     struct ckv_kmeans_out o = {kcuda_alloc(ctx, cen_b), kcuda_alloc(ctx, sz_b),
                                kcuda_alloc(ctx, off_b), kcuda_alloc(ctx, mem_b)};
-    int rc = ckv_kmeans(ctx, dkeys, dt, n, d, stride, pos_base, &p, &o, &r->n_clusters,
-                        &r->n_iter);
+    int rc = ckv_kmeans(ctx, dkeys, dt, n, d, stride, pos_base, &p, &o, &r->n_clusters, &r->n_iter);
     if (rc == 0) {
         cr_assert_eq(ckv_copy_d2h(ctx, r->centroids, o.centroids, cen_b), 0);
         cr_assert_eq(ckv_copy_d2h(ctx, r->sizes, o.sizes, sz_b), 0);
@@ -68,8 +66,8 @@ static int km_run(ckv_ctx_t *ctx, const void *keys, enum ckv_dtype dt, int n, in
 }
 
 /* CSR invariants and centroid = mean of the raw member keys. */
-static void check_csr(const struct km_result *r, const void *keys, enum ckv_dtype dt, int n,
-                      int d, size_t stride, int32_t pos_base)
+static void check_csr(const struct km_result *r, const void *keys, enum ckv_dtype dt, int n, int d,
+                      size_t stride, int32_t pos_base)
 {
     cr_assert(r->n_clusters >= 1);
     cr_assert_eq(r->offsets[0], 0);
@@ -97,8 +95,7 @@ static void check_csr(const struct km_result *r, const void *keys, enum ckv_dtyp
         for (int i = 0; i < d; i++) {
             double want = mean[i] / r->sizes[c];
             cr_assert(fabs(r->centroids[(size_t)c * d + i] - want) <= 1e-5 * (scale + 1e-30),
-                      "centroid %d[%d] = %g, mean %g", c, i, r->centroids[(size_t)c * d + i],
-                      want);
+                      "centroid %d[%d] = %g, mean %g", c, i, r->centroids[(size_t)c * d + i], want);
         }
     }
     cr_assert_eq(r->offsets[r->n_clusters], n, "every token in one cluster");
@@ -183,9 +180,9 @@ Test(cuda_kmeans, matches_cpu_on_random_keys)
 {
     static const struct vs_cpu_case cases[] = {
         {400, 64, 10, CKV_DTYPE_F32},
-        {2500, 64, 31, CKV_DTYPE_F16},  /* > 2 init chunks of 1024 rows */
+        {2500, 64, 31, CKV_DTYPE_F16},   /* > 2 init chunks of 1024 rows */
         {3000, 128, 300, CKV_DTYPE_F16}, /* > 256 clusters, head_dim 128 */
-        {700, 80, 20, CKV_DTYPE_F32},   /* head_dim 80 */
+        {700, 80, 20, CKV_DTYPE_F32},    /* head_dim 80 */
     };
     ckv_ctx_t *gpu = kcuda_ctx(), *cpu = kcuda_cpu();
     for (size_t i = 0; i < CKV_ARRAY_LEN(cases); i++) {
@@ -199,8 +196,10 @@ Test(cuda_kmeans, matches_cpu_on_random_keys)
         cr_assert_eq(rg.n_clusters, rc.n_clusters, "case %zu: %d clusters, CPU %d", i,
                      rg.n_clusters, rc.n_clusters);
         int differ = labels_differ(&rc, &rg, c->n, 0);
-        cr_assert(differ <= c->n / 100, "case %zu: %d of %d tokens in another cluster than on "
-                  "the CPU", i, differ, c->n);
+        cr_assert(differ <= c->n / 100,
+                  "case %zu: %d of %d tokens in another cluster than on "
+                  "the CPU",
+                  i, differ, c->n);
         km_free(&rc), km_free(&rg);
         free(keys);
     }

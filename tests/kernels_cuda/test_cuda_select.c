@@ -108,8 +108,7 @@ static void check_unit(const struct sel_in *in, const int32_t *sel, int n, int l
     free(chosen);
 }
 
-static void run_select_case(ckv_ctx_t *gpu, ckv_ctx_t *cpu, const struct sel_case *c,
-                            uint64_t seed)
+static void run_select_case(ckv_ctx_t *gpu, ckv_ctx_t *cpu, const struct sel_case *c, uint64_t seed)
 {
     struct ktest_rng rng = {seed};
     struct sel_in in;
@@ -136,13 +135,22 @@ static void run_select_case(ckv_ctx_t *gpu, ckv_ctx_t *cpu, const struct sel_cas
         for (int mode = CKV_SELECT_PER_QHEAD; mode <= CKV_SELECT_KVHEAD_SUM; mode++) {
             int n_units = mode == CKV_SELECT_PER_QHEAD ? c->nq : c->nkv;
             for (size_t bi = 0; bi < CKV_ARRAY_LEN(budgets); bi++) {
-                struct ckv_select_args a = {
-                    .n_q_heads = c->nq, .n_kv_heads = c->nkv, .head_dim = c->d,
-                    .mode = (enum ckv_select_mode)mode, .q = in.q,
-                    .centroids = f16 ? NULL : in.cen, .centroids_f16 = f16 ? in.cen16 : NULL,
-                    .sizes = in.sizes, .head_offsets = in.offs, .n_clusters_total = in.total,
-                    .budget = budgets[bi], .max_selected = in.max_sel, .sel_clusters = rsel,
-                    .sel_count = rcnt, .sel_last_take = rlast, .scores = rscores};
+                struct ckv_select_args a = {.n_q_heads = c->nq,
+                                            .n_kv_heads = c->nkv,
+                                            .head_dim = c->d,
+                                            .mode = (enum ckv_select_mode)mode,
+                                            .q = in.q,
+                                            .centroids = f16 ? NULL : in.cen,
+                                            .centroids_f16 = f16 ? in.cen16 : NULL,
+                                            .sizes = in.sizes,
+                                            .head_offsets = in.offs,
+                                            .n_clusters_total = in.total,
+                                            .budget = budgets[bi],
+                                            .max_selected = in.max_sel,
+                                            .sel_clusters = rsel,
+                                            .sel_count = rcnt,
+                                            .sel_last_take = rlast,
+                                            .scores = rscores};
                 cr_assert_eq(ckv_ref_select_clusters(&a), 0);
                 a.sel_clusters = csel, a.sel_count = ccnt, a.sel_last_take = clast;
                 a.scores = cscores;
@@ -157,8 +165,8 @@ static void run_select_case(ckv_ctx_t *gpu, ckv_ctx_t *cpu, const struct sel_cas
                 int32_t *last = kcuda_down(gpu, dlast, sizeof(int32_t) * c->nq);
                 float *scores = kcuda_down(gpu, dscores, sizeof(float) * (size_t)c->nq * T);
                 char what[160];
-                snprintf(what, sizeof(what), "nq=%d nkv=%d d=%d C=%d mode=%d B=%d %s",
-                         c->nq, c->nkv, c->d, c->clusters_per_head, mode, budgets[bi],
+                snprintf(what, sizeof(what), "nq=%d nkv=%d d=%d C=%d mode=%d B=%d %s", c->nq,
+                         c->nkv, c->d, c->clusters_per_head, mode, budgets[bi],
                          f16 ? "f16 centroids" : "f32 centroids");
                 for (int u = 0; u < n_units; u++) {
                     int h = mode == CKV_SELECT_PER_QHEAD ? u / G : u;
@@ -220,12 +228,16 @@ Test(cuda_select, ranking_is_exact_and_ties_go_to_lower_index)
         cen[(size_t)c * d] = (float)((c * 37) % 300);
         sizes[c] = 1;
     }
-    struct ckv_select_args a = {.n_q_heads = 1, .n_kv_heads = 1, .head_dim = d,
+    struct ckv_select_args a = {.n_q_heads = 1,
+                                .n_kv_heads = 1,
+                                .head_dim = d,
                                 .q = kcuda_up(gpu, q, sizeof(q)),
                                 .centroids = kcuda_up(gpu, cen, sizeof(float) * C * d),
                                 .sizes = kcuda_up(gpu, sizes, sizeof(sizes)),
                                 .head_offsets = kcuda_up(gpu, offs, sizeof(offs)),
-                                .n_clusters_total = C, .budget = C, .max_selected = C,
+                                .n_clusters_total = C,
+                                .budget = C,
+                                .max_selected = C,
                                 .sel_clusters = kcuda_alloc(gpu, sizeof(int32_t) * C),
                                 .sel_count = kcuda_alloc(gpu, 4),
                                 .sel_last_take = kcuda_alloc(gpu, 4)};
@@ -253,12 +265,19 @@ Test(cuda_select, errors)
     ckv_ctx_t *gpu = kcuda_ctx();
     float q[2 * 64] = {0}, cen[4 * 64] = {0};
     int32_t sizes[4] = {5, 5, 5, 5}, offs[3] = {0, 2, 4};
-    int32_t *dsizes = kcuda_up(gpu, sizes, sizeof(sizes)), *doffs = kcuda_up(gpu, offs, sizeof(offs));
-    struct ckv_select_args ok = {.n_q_heads = 2, .n_kv_heads = 2, .head_dim = 64,
+    int32_t *dsizes = kcuda_up(gpu, sizes, sizeof(sizes)),
+            *doffs = kcuda_up(gpu, offs, sizeof(offs));
+    struct ckv_select_args ok = {.n_q_heads = 2,
+                                 .n_kv_heads = 2,
+                                 .head_dim = 64,
                                  .q = kcuda_up(gpu, q, sizeof(q)),
-                                 .centroids = kcuda_up(gpu, cen, sizeof(cen)), .sizes = dsizes,
-                                 .head_offsets = doffs, .n_clusters_total = 4, .budget = 7,
-                                 .max_selected = 2, .sel_clusters = kcuda_alloc(gpu, 16),
+                                 .centroids = kcuda_up(gpu, cen, sizeof(cen)),
+                                 .sizes = dsizes,
+                                 .head_offsets = doffs,
+                                 .n_clusters_total = 4,
+                                 .budget = 7,
+                                 .max_selected = 2,
+                                 .sel_clusters = kcuda_alloc(gpu, 16),
                                  .sel_count = kcuda_alloc(gpu, 8),
                                  .sel_last_take = kcuda_alloc(gpu, 8)};
     cr_assert_eq(ckv_select_clusters(gpu, &ok), 0);
@@ -332,25 +351,31 @@ Test(cuda_select, quest_vs_cpu)
                     size_t sb = sizeof(int32_t) * n_units * n_sel;
                     int32_t *sp = malloc(sb), cnt[12];
                     int32_t *dsp = kcuda_alloc(gpu, sb), *dcnt = kcuda_alloc(gpu, sizeof(cnt));
-                    struct ckv_quest_args a = {.n_q_heads = nq, .n_kv_heads = nkv, .head_dim = d,
-                                               .mode = (enum ckv_select_mode)mode, .q = q,
-                                               .page_min = mn, .page_max = mx, .n_pages = np,
-                                               .n_select = n_sel, .sel_pages = sp,
+                    struct ckv_quest_args a = {.n_q_heads = nq,
+                                               .n_kv_heads = nkv,
+                                               .head_dim = d,
+                                               .mode = (enum ckv_select_mode)mode,
+                                               .q = q,
+                                               .page_min = mn,
+                                               .page_max = mx,
+                                               .n_pages = np,
+                                               .n_select = n_sel,
+                                               .sel_pages = sp,
                                                .sel_count = cnt};
                     cr_assert_eq(ckv_quest_select(cpu, &a), 0);
                     struct ckv_quest_args g = a;
                     g.q = dq, g.page_min = dmn, g.page_max = dmx, g.sel_pages = dsp;
                     g.sel_count = dcnt;
                     cr_assert_eq(ckv_quest_select(gpu, &g), 0);
-                    int32_t *gsp = kcuda_down(gpu, dsp, sb), *gcnt = kcuda_down(gpu, dcnt, sizeof(cnt));
+                    int32_t *gsp = kcuda_down(gpu, dsp, sb),
+                            *gcnt = kcuda_down(gpu, dcnt, sizeof(cnt));
                     int want = n_sel < np ? n_sel : np;
                     for (int u = 0; u < n_units; u++) {
                         cr_assert_eq(gcnt[u], want);
-                        cr_assert_arr_eq(gsp + (size_t)u * n_sel, sp + (size_t)u * n_sel,
-                                         sizeof(int32_t) * want,
-                                         "%s %s mode %d n_sel %d unit %d: pages differ",
-                                         integer ? "integer" : "float", ckv_dtype_name(dt), mode,
-                                         n_sel, u);
+                        cr_assert_arr_eq(
+                            gsp + (size_t)u * n_sel, sp + (size_t)u * n_sel, sizeof(int32_t) * want,
+                            "%s %s mode %d n_sel %d unit %d: pages differ",
+                            integer ? "integer" : "float", ckv_dtype_name(dt), mode, n_sel, u);
                     }
                     ckv_dev_free(gpu, dsp), ckv_dev_free(gpu, dcnt);
                     free(sp), free(gsp), free(gcnt);
@@ -384,9 +409,9 @@ Test(cuda_select, oracle_vs_cpu)
             int B = budgets[bi];
             size_t sb = sizeof(int32_t) * nq * B;
             int32_t *csel = malloc(sb), *dsel = kcuda_alloc(gpu, sb);
-            cr_assert_eq(ckv_oracle_topk(cpu, q, k, CKV_DTYPE_F16, nq, nkv, d, n, (size_t)n * d, d,
-                                         B, csel),
-                         0);
+            cr_assert_eq(
+                ckv_oracle_topk(cpu, q, k, CKV_DTYPE_F16, nq, nkv, d, n, (size_t)n * d, d, B, csel),
+                0);
             cr_assert_eq(ckv_oracle_topk(gpu, dq, dk, CKV_DTYPE_F16, nq, nkv, d, n, (size_t)n * d,
                                          d, B, dsel),
                          0);
@@ -471,9 +496,9 @@ Test(cuda_select, sparse_path_equals_full_when_budget_covers)
         for (int b_ = 0; b_ < nb_; b_++)                                                           \
             slots[b_] = next + b_;                                                                 \
         int32_t *ds_ = kcuda_up(gpu, slots, sizeof(int32_t) * nb_);                                \
-        cr_assert_eq(ckv_pack_blocks(gpu, kh, vh, CKV_DTYPE_F16, d, d, (drow_ptr), (n_rows), dpool, \
-                                     ds_),                                                         \
-                     0);                                                                           \
+        cr_assert_eq(                                                                              \
+            ckv_pack_blocks(gpu, kh, vh, CKV_DTYPE_F16, d, d, (drow_ptr), (n_rows), dpool, ds_),   \
+            0);                                                                                    \
         ckv_dev_free(gpu, ds_);                                                                    \
         (first) = next;                                                                            \
         next += nb_;                                                                               \
@@ -482,8 +507,8 @@ Test(cuda_select, sparse_path_equals_full_when_budget_covers)
         struct ckv_kmeans_params kp = {.n_clusters = C, .max_iter = 10, .tol = 0.001f, .seed = 3};
         struct ckv_kmeans_out o = {dcen, dsz, doff, dmem};
         int nc = 0;
-        cr_assert_eq(ckv_kmeans(gpu, kh + (size_t)sinks * d, CKV_DTYPE_F16, n_clu, d, d, sinks,
-                                &kp, &o, &nc, NULL),
+        cr_assert_eq(ckv_kmeans(gpu, kh + (size_t)sinks * d, CKV_DTYPE_F16, n_clu, d, d, sinks, &kp,
+                                &o, &nc, NULL),
                      0);
         int32_t off[10];
         cr_assert_eq(ckv_copy_d2h(gpu, off, doff, sizeof(int32_t) * (nc + 1)), 0);
@@ -502,9 +527,16 @@ Test(cuda_select, sparse_path_equals_full_when_budget_covers)
     int32_t *dhoff = kcuda_up(gpu, head_off, sizeof(head_off));
     /* full attention on the device */
     float full[32 * 128], sparse[32 * 128];
-    struct ckv_attn_full_args fa = {.n_q_heads = nq, .n_kv_heads = nkv, .head_dim = d, .n_ctx = n,
-                                    .q = dq, .k = dk, .v = dv, .dtype = CKV_DTYPE_F16,
-                                    .head_stride = head_el, .token_stride = d,
+    struct ckv_attn_full_args fa = {.n_q_heads = nq,
+                                    .n_kv_heads = nkv,
+                                    .head_dim = d,
+                                    .n_ctx = n,
+                                    .q = dq,
+                                    .k = dk,
+                                    .v = dv,
+                                    .dtype = CKV_DTYPE_F16,
+                                    .head_stride = head_el,
+                                    .token_stride = d,
                                     .out = kcuda_alloc(gpu, sizeof(full))};
     cr_assert_eq(ckv_attn_decode_full(gpu, &fa), 0);
     cr_assert_eq(ckv_copy_d2h(gpu, full, fa.out, sizeof(full)), 0);
@@ -514,12 +546,20 @@ Test(cuda_select, sparse_path_equals_full_when_budget_covers)
     int32_t loffs[33];
     for (int mode = CKV_SELECT_PER_QHEAD; mode <= CKV_SELECT_KVHEAD_MAX; mode++) {
         int n_units = mode == CKV_SELECT_PER_QHEAD ? nq : nkv, hpl = nq / n_units;
-        struct ckv_select_args sa = {.n_q_heads = nq, .n_kv_heads = nkv, .head_dim = d,
-                                     .mode = (enum ckv_select_mode)mode, .q = dq,
-                                     .centroids = dcen_all, .sizes = dsizes,
-                                     .head_offsets = dhoff, .n_clusters_total = total,
-                                     .budget = n_clu + 7, .max_selected = C, .sel_clusters = dsel,
-                                     .sel_count = dcnt, .sel_last_take = dlast};
+        struct ckv_select_args sa = {.n_q_heads = nq,
+                                     .n_kv_heads = nkv,
+                                     .head_dim = d,
+                                     .mode = (enum ckv_select_mode)mode,
+                                     .q = dq,
+                                     .centroids = dcen_all,
+                                     .sizes = dsizes,
+                                     .head_offsets = dhoff,
+                                     .n_clusters_total = total,
+                                     .budget = n_clu + 7,
+                                     .max_selected = C,
+                                     .sel_clusters = dsel,
+                                     .sel_count = dcnt,
+                                     .sel_last_take = dlast};
         cr_assert_eq(ckv_select_clusters(gpu, &sa), 0);
         int32_t sel[32 * 9], cnt[32], last[32];
         cr_assert_eq(ckv_copy_d2h(gpu, sel, dsel, sizeof(int32_t) * n_units * C), 0);
@@ -532,8 +572,7 @@ Test(cuda_select, sparse_path_equals_full_when_budget_covers)
             /* adds the blocks of the first `tokens` tokens of a run of slots */
 #define RUN(first, tokens)                                                                         \
     for (int t_ = 0; t_ < (tokens); t_ += 16)                                                      \
-        refs[nr++] = (struct ckv_block_ref){(first) + t_ / 16,                                     \
-                                            (tokens) - t_ < 16 ? (tokens) - t_ : 16};
+        refs[nr++] = (struct ckv_block_ref){(first) + t_ / 16, (tokens)-t_ < 16 ? (tokens)-t_ : 16};
             RUN(sink_slot[h], sinks);
             cr_assert_eq(cnt[u], head_off[h + 1] - head_off[h], "the budget covers every cluster");
             for (int i = 0; i < cnt[u]; i++) {
@@ -545,8 +584,12 @@ Test(cuda_select, sparse_path_equals_full_when_budget_covers)
 #undef RUN
             loffs[u + 1] = nr;
         }
-        struct ckv_attn_blocks_args ba = {.n_q_heads = nq, .head_dim = d, .n_lists = n_units,
-                                          .heads_per_list = hpl, .q = dq, .pool = dpool,
+        struct ckv_attn_blocks_args ba = {.n_q_heads = nq,
+                                          .head_dim = d,
+                                          .n_lists = n_units,
+                                          .heads_per_list = hpl,
+                                          .q = dq,
+                                          .pool = dpool,
                                           .dtype = CKV_DTYPE_F16,
                                           .refs = kcuda_up(gpu, refs, sizeof(*refs) * nr),
                                           .list_offsets = kcuda_up(gpu, loffs, 4 * (n_units + 1)),

@@ -39,8 +39,8 @@ Test(cuda_emu, cuda_suites_pass_on_the_emulation, .timeout = 600)
         if (strstr(line, "Synthesis:"))
             snprintf(summary, sizeof(summary), "%s", line);
     fclose(f);
-    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "ckv-tests-cuda-emu failed: %s(log %s)",
-              summary, log);
+    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+              "ckv-tests-cuda-emu failed: %s(log %s)", summary, log);
     cr_assert(strstr(summary, "Failing: 0 | Crashing: 0"), "%s", summary);
     int tested = 0, passing = -1;
     const char *t = strstr(summary, "Tested: "), *p = strstr(summary, "Passing: ");

@@ -61,7 +61,7 @@ struct fiber {
 };
 
 #define EMU_STACK_BYTES (256u << 10)
-#define EMU_PAGE 4096u
+#define EMU_PAGE        4096u
 
 static struct {
     std::vector<fiber> fibers;
@@ -142,9 +142,9 @@ static void fiber_prepare(fiber *f, size_t i)
     f->stack = E.stacks + i * (EMU_STACK_BYTES + EMU_PAGE) + EMU_PAGE;
     uintptr_t top = ((uintptr_t)f->stack + EMU_STACK_BYTES) & ~(uintptr_t)15;
     void **sp = (void **)top;
-    *--sp = NULL;                      /* fiber_start's return address: never used */
-    *--sp = (void *)&fiber_start;      /* popped by ret */
-    for (int r = 0; r < 6; r++)        /* rbp rbx r12 r13 r14 r15 */
+    *--sp = NULL;                 /* fiber_start's return address: never used */
+    *--sp = (void *)&fiber_start; /* popped by ret */
+    for (int r = 0; r < 6; r++)   /* rbp rbx r12 r13 r14 r15 */
         *--sp = NULL;
     f->sp = sp;
 }
@@ -223,8 +223,7 @@ cudaError_t emu_run(dim3 grid, dim3 block, const std::function<void()> &body)
             for (unsigned bx = 0; bx < grid.x; bx++) {
                 for (size_t i = 0; i < n; i++) {
                     fiber *f = &E.fibers[i];
-                    f->ids.thread = dim3((unsigned)(i % block.x),
-                                         (unsigned)(i / block.x % block.y),
+                    f->ids.thread = dim3((unsigned)(i % block.x), (unsigned)(i / block.x % block.y),
                                          (unsigned)(i / ((size_t)block.x * block.y)));
                     f->ids.block = dim3(bx, by, bz);
                     f->ids.block_dim = block;

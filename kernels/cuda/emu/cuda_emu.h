@@ -45,7 +45,9 @@
 
 struct dim3 {
     unsigned x, y, z;
-    dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+    dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_)
+    {
+    }
 };
 struct uint2 {
     unsigned x, y;
@@ -118,9 +120,9 @@ struct emu_thread_ids {
 /* The running fiber's coordinates. */
 const emu_thread_ids *emu_ids(void);
 #define threadIdx (emu_ids()->thread)
-#define blockIdx (emu_ids()->block)
-#define blockDim (emu_ids()->block_dim)
-#define gridDim (emu_ids()->grid_dim)
+#define blockIdx  (emu_ids()->block)
+#define blockDim  (emu_ids()->block_dim)
+#define gridDim   (emu_ids()->grid_dim)
 
 void __syncthreads(void);
 
@@ -160,10 +162,22 @@ static inline int atomicMax(int *p, int v)
 }
 
 /* Rounded operations that never fuse: plain operations here (built with -ffp-contract=off). */
-static inline float __fmul_rn(float a, float b) { return a * b; }
-static inline float __fadd_rn(float a, float b) { return a + b; }
-static inline double __dmul_rn(double a, double b) { return a * b; }
-static inline double __dadd_rn(double a, double b) { return a + b; }
+static inline float __fmul_rn(float a, float b)
+{
+    return a * b;
+}
+static inline float __fadd_rn(float a, float b)
+{
+    return a + b;
+}
+static inline double __dmul_rn(double a, double b)
+{
+    return a * b;
+}
+static inline double __dadd_rn(double a, double b)
+{
+    return a + b;
+}
 
 /* ---- launches ---- */
 /* Runs body once per thread of every block of grid x block; returns an error for an invalid
