@@ -1,7 +1,8 @@
 /*
  * The backend-neutral entry points of kernels.h: every argument that can be checked without
  * reading device memory is checked here, once for all backends, and the call goes to the
- * context's backend. This build has the CPU backend only; a CUDA context is CKV_ENODEVICE.
+ * context's backend: the CPU one, or the CUDA one (kernels/cuda/) for a CUDA context when the
+ * build has it (CKV_HAVE_CUDA; without it a CUDA context is CKV_ENODEVICE).
  */
 #include <errno.h>
 #include <math.h>
@@ -10,6 +11,13 @@
 
 #include "ckv_error.h"
 #include "kernels_impl.h"
+
+/* The backend's entry point `fn` for ctx: cpu_<fn>, or cuda_<fn> for a CUDA context. */
+#ifdef CKV_HAVE_CUDA
+#define BACKEND(ctx, fn) ((ctx)->backend == CKV_BACKEND_CUDA ? cuda_##fn : cpu_##fn)
+#else
+#define BACKEND(ctx, fn) cpu_##fn
+#endif
 
 size_t ckv_dtype_size(enum ckv_dtype dt)
 {
@@ -40,22 +48,28 @@ size_t ckv_block_bytes(int head_dim, enum ckv_dtype dt)
 
 int ckv_cuda_available(void)
 {
-    return 0; /* no CUDA backend in this build yet */
+#ifdef CKV_HAVE_CUDA
+    return cuda_available();
+#else
+    return 0; /* no CUDA backend in this build */
+#endif
 }
 
 int ckv_ctx_new(const struct ckv_ctx_opts *opts, ckv_ctx_t **out)
 {
     if (!opts || !out)
         return -EINVAL;
+#ifndef CKV_HAVE_CUDA
     if (opts->backend == CKV_BACKEND_CUDA)
         return CKV_ENODEVICE;
-    if (opts->backend != CKV_BACKEND_CPU)
+#endif
+    if (opts->backend != CKV_BACKEND_CPU && opts->backend != CKV_BACKEND_CUDA)
         return -EINVAL;
     struct ckv_ctx *ctx = calloc(1, sizeof(*ctx));
     if (!ctx)
         return -ENOMEM;
-    ctx->backend = CKV_BACKEND_CPU;
-    int rc = cpu_backend_init(ctx, opts);
+    ctx->backend = opts->backend;
+    int rc = BACKEND(ctx, backend_init)(ctx, opts);
     if (rc) {
         free(ctx);
         return rc;
@@ -68,8 +82,7 @@ void ckv_ctx_destroy(ckv_ctx_t **ctx)
 {
     if (!ctx || !*ctx)
         return;
-    if ((*ctx)->backend == CKV_BACKEND_CPU)
-        cpu_backend_fini(*ctx);
+    BACKEND(*ctx, backend_fini)(*ctx);
     free(*ctx);
     *ctx = NULL;
 }
@@ -96,44 +109,63 @@ int ckv_ctx_n_threads(const ckv_ctx_t *ctx)
 
 int ckv_ctx_sync(ckv_ctx_t *ctx)
 {
-    return ctx ? 0 : -EINVAL; /* the CPU backend runs every kernel to completion */
+    if (!ctx)
+        return -EINVAL;
+#ifdef CKV_HAVE_CUDA
+    if (ctx->backend == CKV_BACKEND_CUDA)
+        return cuda_sync(ctx);
+#endif
+    return 0; /* the CPU backend runs every kernel to completion */
 }
 
 int ckv_dev_alloc(ckv_ctx_t *ctx, size_t bytes, void **ptr)
 {
     if (!ctx || !ptr || bytes == 0)
         return -EINVAL;
-    return cpu_dev_alloc(ctx, bytes, ptr);
+    return BACKEND(ctx, dev_alloc)(ctx, bytes, ptr);
 }
 
 void ckv_dev_free(ckv_ctx_t *ctx, void *ptr)
 {
     if (ctx && ptr)
-        cpu_dev_free(ctx, ptr);
+        BACKEND(ctx, dev_free)(ctx, ptr);
 }
 
-static int copy_check(ckv_ctx_t *ctx, void *dst, const void *src, size_t bytes)
+/* cuda_fn: the CUDA backend's copy of this direction (unused without CKV_HAVE_CUDA). */
+static int copy_check(ckv_ctx_t *ctx, void *dst, const void *src, size_t bytes,
+                      int (*cuda_fn)(struct ckv_ctx *, void *, const void *, size_t))
 {
     if (!ctx || (bytes && (!dst || !src)))
         return -EINVAL;
+#ifdef CKV_HAVE_CUDA
+    if (ctx->backend == CKV_BACKEND_CUDA)
+        return bytes ? cuda_fn(ctx, dst, src, bytes) : 0;
+#endif
+    (void)cuda_fn;
     if (bytes)
         memmove(dst, src, bytes); /* CPU: device memory is host memory */
     return 0;
 }
 
+#ifdef CKV_HAVE_CUDA
+#define CUDA_COPY(dir) cuda_copy_##dir
+#else
+#define CUDA_COPY(dir) NULL
+#endif
+
 int ckv_copy_h2d(ckv_ctx_t *ctx, void *dst_dev, const void *src_host, size_t bytes)
 {
-    return copy_check(ctx, dst_dev, src_host, bytes);
+    return copy_check(ctx, dst_dev, src_host, bytes, CUDA_COPY(h2d));
 }
 
 int ckv_copy_d2h(ckv_ctx_t *ctx, void *dst_host, const void *src_dev, size_t bytes)
 {
-    return copy_check(ctx, dst_host, src_dev, bytes);
+    return copy_check(ctx, dst_host, src_dev, bytes, CUDA_COPY(d2h));
 }
 
 int ckv_copy_d2d(ckv_ctx_t *ctx, void *dst_dev, const void *src_dev, size_t bytes)
 {
-    return copy_check(ctx, dst_dev, src_dev, bytes);
+    return copy_check(ctx, dst_dev, src_dev, bytes, CUDA_COPY(d2d));
 }
 
 /* ---- argument checks shared by the kernels ---- */
@@ -176,7 +208,7 @@ int ckv_convert(ckv_ctx_t *ctx, void *dst_dev, enum ckv_dtype dst_dt, const void
         return -EINVAL;
     if (n == 0)
         return 0;
-    return cpu_convert(ctx, dst_dev, dst_dt, src_dev, src_dt, n);
+    return BACKEND(ctx, convert)(ctx, dst_dev, dst_dt, src_dev, src_dt, n);
 }
 
 /* ---- clustering ---- */
@@ -191,8 +223,8 @@ int ckv_kmeans(ckv_ctx_t *ctx, const void *keys, enum ckv_dtype dtype, int n_tok
         params->max_iter < 1 || !(params->tol >= 0.0f && params->tol <= 1.0f) || !out ||
         !out->centroids || !out->sizes || !out->offsets || !out->members || !n_clusters_host)
         return -EINVAL;
-    return cpu_kmeans(ctx, keys, dtype, n_tokens, head_dim, row_stride, pos_base, params, out,
-                      n_clusters_host, n_iter_host);
+    return BACKEND(ctx, kmeans)(ctx, keys, dtype, n_tokens, head_dim, row_stride, pos_base, params,
+                                out, n_clusters_host, n_iter_host);
 }
 
 int ckv_pack_blocks(ckv_ctx_t *ctx, const void *k, const void *v, enum ckv_dtype dtype,
@@ -202,7 +234,8 @@ int ckv_pack_blocks(ckv_ctx_t *ctx, const void *k, const void *v, enum ckv_dtype
     if (!ctx || !k || !v || !dtype_ok(dtype) || !head_dim_ok(head_dim) ||
         token_stride < (size_t)head_dim || !rows || n_rows < 1 || !pool || !slots)
         return -EINVAL;
-    return cpu_pack_blocks(ctx, k, v, dtype, head_dim, token_stride, rows, n_rows, pool, slots);
+    return BACKEND(ctx, pack_blocks)(ctx, k, v, dtype, head_dim, token_stride, rows, n_rows, pool,
+                                     slots);
 }
 
 /* ---- selection ---- */
@@ -216,7 +249,7 @@ int ckv_select_clusters(ckv_ctx_t *ctx, const struct ckv_select_args *a)
         a->budget < 1 || a->max_selected < 1 || !a->sel_clusters || !a->sel_count ||
         !a->sel_last_take)
         return -EINVAL;
-    return cpu_select_clusters(ctx, a);
+    return BACKEND(ctx, select_clusters)(ctx, a);
 }
 
 int ckv_quest_page_bounds(ckv_ctx_t *ctx, const void *keys, enum ckv_dtype dtype, int n_tokens,
@@ -225,8 +258,8 @@ int ckv_quest_page_bounds(ckv_ctx_t *ctx, const void *keys, enum ckv_dtype dtype
     if (!ctx || !keys || !dtype_ok(dtype) || n_tokens < 1 || !head_dim_ok(head_dim) ||
         !stride_ok(row_stride, n_tokens, head_dim) || !page_min || !page_max)
         return -EINVAL;
-    return cpu_quest_page_bounds(ctx, keys, dtype, n_tokens, head_dim, row_stride, page_min,
-                                 page_max);
+    return BACKEND(ctx, quest_page_bounds)(ctx, keys, dtype, n_tokens, head_dim, row_stride,
+                                           page_min, page_max);
 }
 
 int ckv_quest_select(ckv_ctx_t *ctx, const struct ckv_quest_args *a)
@@ -235,7 +268,7 @@ int ckv_quest_select(ckv_ctx_t *ctx, const struct ckv_quest_args *a)
         !mode_ok(a->mode) || !a->q || !a->page_min || !a->page_max || a->n_pages < 1 ||
         a->n_select < 1 || !a->sel_pages || !a->sel_count)
         return -EINVAL;
-    return cpu_quest_select(ctx, a);
+    return BACKEND(ctx, quest_select)(ctx, a);
 }
 
 int ckv_oracle_topk(ckv_ctx_t *ctx, const float *q, const void *k, enum ckv_dtype dtype,
@@ -247,8 +280,8 @@ int ckv_oracle_topk(ckv_ctx_t *ctx, const float *q, const void *k, enum ckv_dtyp
         !stride_ok(head_stride, n_kv_heads, head_dim) || budget < 1 || budget > n_ctx ||
         !sel_tokens)
         return -EINVAL;
-    return cpu_oracle_topk(ctx, q, k, dtype, n_q_heads, n_kv_heads, head_dim, n_ctx, head_stride,
-                           token_stride, budget, sel_tokens);
+    return BACKEND(ctx, oracle_topk)(ctx, q, k, dtype, n_q_heads, n_kv_heads, head_dim, n_ctx,
+                                     head_stride, token_stride, budget, sel_tokens);
 }
 
 /* ---- attention ---- */
@@ -260,7 +293,7 @@ int ckv_attn_decode_full(ckv_ctx_t *ctx, const struct ckv_attn_full_args *a)
         (a->n_ctx > 0 && (!a->k || !a->v || !stride_ok(a->head_stride, a->n_kv_heads, a->head_dim))) ||
         !stride_ok(a->token_stride, a->n_ctx, a->head_dim))
         return -EINVAL;
-    return cpu_attn_decode_full(ctx, a);
+    return BACKEND(ctx, attn_decode_full)(ctx, a);
 }
 
 int ckv_attn_decode_blocks(ckv_ctx_t *ctx, const struct ckv_attn_blocks_args *a)
@@ -269,7 +302,7 @@ int ckv_attn_decode_blocks(ckv_ctx_t *ctx, const struct ckv_attn_blocks_args *a)
         a->heads_per_list < 1 || (int64_t)a->n_lists * a->heads_per_list != a->n_q_heads ||
         !a->q || !a->list_offsets || !a->out || !dtype_ok(a->dtype) || !scale_ok(a->scale))
         return -EINVAL;
-    return cpu_attn_decode_blocks(ctx, a);
+    return BACKEND(ctx, attn_decode_blocks)(ctx, a);
 }
 
 int ckv_attn_prefill(ckv_ctx_t *ctx, const struct ckv_attn_prefill_args *a)
@@ -284,5 +317,5 @@ int ckv_attn_prefill(ckv_ctx_t *ctx, const struct ckv_attn_prefill_args *a)
         !stride_ok(a->token_stride, a->pos0 + a->n_new, a->head_dim) ||
         !stride_ok(a->head_stride, a->n_kv_heads, a->head_dim))
         return -EINVAL;
-    return cpu_attn_prefill(ctx, a);
+    return BACKEND(ctx, attn_prefill)(ctx, a);
 }
