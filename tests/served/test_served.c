@@ -38,6 +38,8 @@ static char dir[256], client_ep[300], worker_ep[300], stats_ep[300];
 static pid_t pids[4];
 static int n_pids;
 static void *zctx;
+static void *socks[16]; /* closed by teardown: zmq_ctx_term waits for every socket */
+static int n_socks;
 static int metrics_port;
 
 static void setup(void)
@@ -47,6 +49,7 @@ static void setup(void)
     snprintf(worker_ep, sizeof(worker_ep), "ipc://%s/router-workers.sock", dir);
     snprintf(stats_ep, sizeof(stats_ep), "ipc://%s/router-stats.sock", dir);
     n_pids = 0;
+    n_socks = 0;
     zctx = zmq_ctx_new();
     metrics_port = 20000 + (int)(getpid() % 20000);
 }
@@ -56,8 +59,13 @@ static void teardown(void)
     for (int i = 0; i < n_pids; i++)
         if (pids[i] > 0)
             ckv_test_stop(pids[i], SIGKILL, 2000);
+    for (int i = 0; i < n_socks; i++)
+        zmq_close(socks[i]);
     zmq_ctx_term(zctx);
-    ckv_test_rmrf(dir);
+    if (getenv("CKV_TEST_KEEP")) /* the logs of a failed run */
+        fprintf(stderr, "served: kept %s\n", dir);
+    else
+        ckv_test_rmrf(dir);
 }
 
 TestSuite(served, .init = setup, .fini = teardown, .timeout = 120);
@@ -97,6 +105,8 @@ static void *connect_sock(int type, const char *ep)
     cr_assert(s);
     cr_assert_eq(ckv_wire_socket_setup(s, CKV_WIRE_DEFAULT_MAX_BYTES), 0);
     cr_assert_eq(zmq_connect(s, ep), 0);
+    cr_assert_lt(n_socks, 16);
+    socks[n_socks++] = s;
     return s;
 }
 
@@ -348,7 +358,6 @@ Test(served, malformed_frames_get_errors)
     cr_assert(strstr(e->stats_reply->text, "\nbad_frames:4\n"), "%s", e->stats_reply->text);
     cr_assert(strstr(e->stats_reply->text, "\nbad_requests:3\n"), "%s", e->stats_reply->text);
     ckv_wire_free(e);
-    zmq_close(c);
 }
 
 Test(served, overloaded_queue_answers_at_once)
@@ -380,8 +389,6 @@ Test(served, overloaded_queue_answers_at_once)
     cr_assert_eq(r.n, 1);
     cr_assert_eq(r.ids[0], 11);
     cr_assert_str_eq(r.worker, "fw");
-    zmq_close(w);
-    zmq_close(c);
 }
 
 Test(served, dead_worker_redispatch_and_midstream_error)
@@ -430,9 +437,6 @@ Test(served, dead_worker_redispatch_and_midstream_error)
     cr_assert_not_null(e);
     cr_assert_eq(e->error->code, CKV__ERROR_CODE__ERROR_CODE_NOT_FOUND);
     ckv_wire_free(e);
-    zmq_close(w1);
-    zmq_close(w2);
-    zmq_close(c);
 }
 
 Test(served, cancel_reaches_the_worker)
@@ -471,8 +475,6 @@ Test(served, cancel_reaches_the_worker)
     collect(c, ids2, &r2, 1, 5000);
     cr_assert_eq(r2.end, CKV__ENVELOPE__BODY_DONE);
     cr_assert_eq(r2.n, 0);
-    zmq_close(w);
-    zmq_close(c);
 }
 
 /* GET path on the metrics listener; returns the body (static). */
@@ -538,9 +540,6 @@ Test(served, stats_pub_and_metrics)
     cr_assert_str_eq(s->stats_snapshot->workers[0]->name, "wm");
     cr_assert_eq(s->stats_snapshot->workers[0]->capacity, 3);
     ckv_wire_free(s);
-    zmq_close(sub);
-    zmq_close(w);
-    zmq_close(c);
 }
 
 /* ---- with the real worker and the default model ---- */
@@ -707,8 +706,6 @@ Test(served, greedy_matches_engine_and_concurrent)
     collect(c, id5, &r5, 1, 60000);
     cr_assert_eq(r5.end, CKV__ENVELOPE__BODY_DONE, "%s", r5.message);
     cr_assert_eq(r5.ids[0], ref[0][0]);
-    zmq_close(c2);
-    zmq_close(c);
 #else
     (void)model;
 #endif
@@ -739,5 +736,4 @@ Test(served, worker_killed_midstream)
               "message does not name the worker and the cause: %s", r.message);
     cr_assert_lt(ckv_now_ms() - t0, 5000, "the error took too long");
     ping(c);
-    zmq_close(c);
 }
