@@ -5,13 +5,17 @@
  *   ckv-worker [--config FILE] [--name value ...]   serve
  *   ckv-worker --help | --dump-config
  *
- * One thread, one loop (redis's shape): read what the router sent (Generate, Cancel), admit
- * waiting requests into free sequence slots (prefill, first token), run one decode step over
- * every active sequence together (continuous batching: a request joins or leaves the batch
- * between steps), stream a TokenEvent per token, end each request with one Done or Error,
- * heartbeat. A prefill runs to completion before the next step (the other sequences wait for
- * it); the progress callback keeps the heartbeats going meanwhile so that a long prompt does
- * not look like a dead worker.
+ * Two threads joined by an inproc PAIR pipe:
+ * - the I/O thread (main) owns the router socket: registers, heartbeats on time whatever the
+ *   engine is doing (one forward pass can take longer than the router's timeout on a busy
+ *   CPU), answers stats, and relays messages between the router and the pipe;
+ * - the compute thread owns the engine, one loop (redis's shape): read what came through the
+ *   pipe (Generate, Cancel), admit waiting requests into free sequence slots (prefill, first
+ *   token), run one decode step over every active sequence together (continuous batching: a
+ *   request joins or leaves the batch between steps), stream a TokenEvent per token, end each
+ *   request with one Done or Error. A prefill runs to completion before the next step.
+ * What the heartbeats and stats report, the compute thread publishes into a snapshot under a
+ * mutex after every step.
  *
  * The clusters of ClusterKV go to ckv-kvstore when kvstore-endpoint is set (block_store_kvs.c),
  * to a private in-memory store otherwise. A bad request is answered with an Error naming the
@@ -21,6 +25,8 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -135,8 +141,9 @@ struct worker {
     ckv_engine_t *e;
     const struct ckv_model_info *info;
     const tokenizer_t *tok;
-    struct ckv_block_store *store; /* NULL: the engine's in-memory one */
-    void *zctx, *router, *stats_sock;
+    struct ckv_block_store *store;    /* NULL: the engine's in-memory one */
+    void *zctx, *router, *stats_sock; /* I/O thread */
+    void *pipe_io, *pipe_cpu;         /* inproc PAIR: the I/O end, the compute end */
     char router_ep[600];
     struct req *waiting; /* FIFO */
     struct req *active;
@@ -144,9 +151,20 @@ struct worker {
     float *logits; /* (max_seqs, n_vocab) */
     int *seqs;
     int32_t *tokens;
-    bool registered;
+    bool registered; /* I/O thread */
     uint64_t next_hb_ms, last_register_ms, register_id;
     int hb_ms;
+    pthread_mutex_t mu; /* guards snap */
+    struct snapshot {
+        int n_active, n_waiting;
+        uint64_t outstanding, tokens_generated, prompt_tokens, requests_done, requests_failed;
+        uint64_t bad_requests, cancelled, steps;
+        double tok_s;
+        struct ckv_engine_stats es;
+        bool have_ks;
+        struct ckv_block_store_kvs_stats ks;
+    } snap;
+    atomic_bool compute_done;
     /* counters */
     uint64_t tokens_generated, prompt_tokens, requests_done, requests_failed, bad_requests;
     uint64_t cancelled, steps;
@@ -179,13 +197,30 @@ static void default_model(char *out, size_t cap)
 
 /* ---- sending to the router ---- */
 
+/* Compute thread: to the router through the pipe. */
 static void send_env(struct worker *w, Ckv__Envelope *env)
 {
-    /* the DEALER queues while the router is away (up to its high-water mark); a send that
-     * would block is dropped: the router sees the job's worker as silent, not a hang here */
+    int rc = ckv_wire_send(w->pipe_cpu, NULL, env, 0);
+    if (rc)
+        LOG_WARN("send to the I/O thread (type %d): %s", (int)env->body_case, ckv_strerror(rc));
+}
+
+/* I/O thread: straight to the router. The DEALER queues while the router is away (up to its
+ * high-water mark); a send that would block is dropped: the router sees a silent worker, not
+ * a hang here. */
+static void send_router(struct worker *w, Ckv__Envelope *env)
+{
     int rc = ckv_wire_send(w->router, NULL, env, ZMQ_DONTWAIT);
     if (rc)
         LOG_WARN("send to the router (type %d): %s", (int)env->body_case, ckv_strerror(rc));
+}
+
+/* I/O thread: to the compute thread. */
+static void send_pipe_io(struct worker *w, Ckv__Envelope *env)
+{
+    int rc = ckv_wire_send(w->pipe_io, NULL, env, 0);
+    if (rc)
+        LOG_ERROR("send to the compute thread: %s", ckv_strerror(rc));
 }
 
 __attribute__((format(printf, 4, 5))) static void
@@ -218,7 +253,7 @@ static void send_register(struct worker *w)
     env.request_id = ++w->register_id;
     env.body_case = CKV__ENVELOPE__BODY_WORKER_REGISTER;
     env.worker_register = &m;
-    send_env(w, &env);
+    send_router(w, &env);
     w->last_register_ms = ckv_now_ms();
 }
 
@@ -232,24 +267,47 @@ static uint64_t outstanding(struct worker *w)
     return n;
 }
 
+/* Compute thread: what the I/O thread reports, after every step. */
+static void publish(struct worker *w)
+{
+    struct snapshot s = {0};
+    s.n_active = w->n_active;
+    s.n_waiting = w->n_waiting;
+    s.outstanding = outstanding(w);
+    s.tokens_generated = w->tokens_generated;
+    s.prompt_tokens = w->prompt_tokens;
+    s.requests_done = w->requests_done;
+    s.requests_failed = w->requests_failed;
+    s.bad_requests = w->bad_requests;
+    s.cancelled = w->cancelled;
+    s.steps = w->steps;
+    s.tok_s = w->tok_s;
+    ckv_engine_stats(w->e, &s.es);
+    s.have_ks = w->store && ckv_block_store_kvs_stats(w->store, &s.ks) == 0;
+    pthread_mutex_lock(&w->mu);
+    w->snap = s;
+    pthread_mutex_unlock(&w->mu);
+}
+
 static void send_heartbeat(struct worker *w)
 {
-    struct ckv_engine_stats st;
-    ckv_engine_stats(w->e, &st);
+    pthread_mutex_lock(&w->mu);
+    struct snapshot s = w->snap;
+    pthread_mutex_unlock(&w->mu);
     Ckv__Envelope env = CKV__ENVELOPE__INIT;
     Ckv__WorkerHeartbeat h = CKV__WORKER_HEARTBEAT__INIT;
-    h.active = (uint32_t)w->n_active;
-    h.outstanding_tokens = outstanding(w);
-    h.tokens_generated = w->tokens_generated;
-    h.requests_done = w->requests_done;
-    h.decode_tok_s = w->tok_s;
-    h.kv_cache_hits = st.kv.cache_hits;
-    h.kv_cache_misses = st.kv.cache_misses;
-    h.prompt_tokens = w->prompt_tokens;
-    h.kv_usage = (double)w->n_active / w->cfg.max_seqs;
+    h.active = (uint32_t)s.n_active;
+    h.outstanding_tokens = s.outstanding;
+    h.tokens_generated = s.tokens_generated;
+    h.requests_done = s.requests_done;
+    h.decode_tok_s = s.tok_s;
+    h.kv_cache_hits = s.es.kv.cache_hits;
+    h.kv_cache_misses = s.es.kv.cache_misses;
+    h.prompt_tokens = s.prompt_tokens;
+    h.kv_usage = (double)s.n_active / w->cfg.max_seqs;
     env.body_case = CKV__ENVELOPE__BODY_WORKER_HEARTBEAT;
     env.worker_heartbeat = &h;
-    send_env(w, &env);
+    send_router(w, &env);
     w->next_hb_ms = ckv_now_ms() + (uint64_t)w->hb_ms;
 }
 
@@ -402,12 +460,12 @@ static int prepare_prompt(struct worker *w, const Ckv__Generate *g, int32_t **id
     return 0;
 }
 
-/* Progress of a long prefill: keep heart-beating. */
+/* Progress of a long prefill: the slot shows as taken in the stats meanwhile. */
 static void on_progress(void *arg, int done, int total)
 {
     (void)done;
     (void)total;
-    heartbeat_if_due(arg);
+    publish(arg);
 }
 
 /* Moves waiting requests into free slots: prefill, first token. */
@@ -598,6 +656,43 @@ static void on_cancel(struct worker *w, uint64_t id)
     }
 }
 
+/* Compute thread: what the I/O thread relayed from the router. */
+static void on_pipe(struct worker *w)
+{
+    for (int n = 0; n < 256; n++) {
+        struct ckv_wire_addr from;
+        Ckv__Envelope *env;
+        int rc = ckv_wire_recv(w->pipe_cpu, &from, &env, w->cfg.max_msg_bytes, ZMQ_DONTWAIT);
+        if (rc == -EAGAIN)
+            return;
+        if (rc) {
+            LOG_ERROR("pipe: %s", ckv_strerror(rc));
+            return;
+        }
+        switch (env->body_case) {
+        case CKV__ENVELOPE__BODY_GENERATE: on_generate(w, env); continue; /* owned there */
+        case CKV__ENVELOPE__BODY_CANCEL: on_cancel(w, env->request_id); break;
+        case CKV__ENVELOPE__BODY_ERROR:
+            /* the router forgot us (the I/O thread registers again): the jobs it had given
+             * us are gone on its side */
+            while (w->active)
+                end_active(w, w->active);
+            while (w->waiting) {
+                struct req *r = w->waiting;
+                w->waiting = r->next;
+                req_free(w, r);
+            }
+            w->n_waiting = 0;
+            break;
+        default:
+            send_error(w, env->request_id, CKV__ERROR_CODE__ERROR_CODE_UNKNOWN_TYPE,
+                       "the worker does not handle message type %d", (int)env->body_case);
+        }
+        ckv_wire_free(env);
+    }
+}
+
+/* I/O thread: messages from the router; requests go on to the compute thread. */
 static void on_router(struct worker *w)
 {
     for (int n = 0; n < 256; n++) {
@@ -608,15 +703,16 @@ static void on_router(struct worker *w)
             return;
         if (rc) {
             LOG_WARN("bad frame from the router: %s", ckv_strerror(rc));
-            if (ckv_wire_rc_is_peer_fault(rc) && from.request_id)
-                send_error(w, from.request_id, ckv_wire_error_code(rc), "%s", ckv_strerror(rc));
             if (!ckv_wire_rc_is_peer_fault(rc))
                 return;
+            if (from.request_id)
+                ckv_wire_reply_error(w->router, NULL, ckv_wire_error_code(rc), "%s",
+                                     ckv_strerror(rc));
             continue;
         }
         switch (env->body_case) {
-        case CKV__ENVELOPE__BODY_GENERATE: on_generate(w, env); continue; /* owned there */
-        case CKV__ENVELOPE__BODY_CANCEL: on_cancel(w, env->request_id); break;
+        case CKV__ENVELOPE__BODY_GENERATE:
+        case CKV__ENVELOPE__BODY_CANCEL: send_pipe_io(w, env); break;
         case CKV__ENVELOPE__BODY_WORKER_REGISTER_REPLY:
             if (!w->registered)
                 LOG_INFO("registered at %s as %s", w->router_ep, w->cfg.name);
@@ -627,18 +723,9 @@ static void on_router(struct worker *w)
             break;
         case CKV__ENVELOPE__BODY_ERROR:
             if (env->error->code == CKV__ERROR_CODE__ERROR_CODE_NOT_FOUND) {
-                /* the router forgot us (it restarted, or thought us dead): register again;
-                 * the jobs it had given us are gone on its side */
                 LOG_WARN("the router does not know this worker: registering again");
                 w->registered = false;
-                while (w->active)
-                    end_active(w, w->active);
-                while (w->waiting) {
-                    struct req *r = w->waiting;
-                    w->waiting = r->next;
-                    req_free(w, r);
-                }
-                w->n_waiting = 0;
+                send_pipe_io(w, env); /* the compute thread drops its jobs */
                 send_register(w);
             } else {
                 LOG_WARN("router error: %s", env->error->message ? env->error->message : "");
@@ -651,24 +738,50 @@ static void on_router(struct worker *w)
             rep.request_id = env->request_id;
             rep.body_case = CKV__ENVELOPE__BODY_PONG;
             rep.pong = &p;
-            send_env(w, &rep);
+            send_router(w, &rep);
             break;
         }
-        default:
+        default: {
             LOG_WARN("router sent message type %d", (int)env->body_case);
-            send_error(w, env->request_id, CKV__ERROR_CODE__ERROR_CODE_UNKNOWN_TYPE,
-                       "the worker does not handle message type %d", (int)env->body_case);
+            Ckv__Envelope rep = CKV__ENVELOPE__INIT;
+            Ckv__Error e = CKV__ERROR__INIT;
+            e.code = CKV__ERROR_CODE__ERROR_CODE_UNKNOWN_TYPE;
+            e.message = "the worker does not handle this message type";
+            rep.request_id = env->request_id;
+            rep.body_case = CKV__ENVELOPE__BODY_ERROR;
+            rep.error = &e;
+            send_router(w, &rep);
+        }
         }
         ckv_wire_free(env);
     }
 }
 
+/* I/O thread: the compute thread's messages go to the router as they are (no decoding). */
+static void on_pipe_io(struct worker *w)
+{
+    for (int n = 0; n < 1024; n++) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, w->pipe_io, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&m);
+            return;
+        }
+        if (zmq_msg_send(&m, w->router, ZMQ_DONTWAIT) < 0) {
+            LOG_WARN("send to the router: %s", zmq_strerror(errno));
+            zmq_msg_close(&m);
+        }
+    }
+}
+
 /* ---- stats ---- */
 
+/* I/O thread: from the compute thread's last snapshot. */
 static void render_stats(struct worker *w, bool prometheus, struct ckv_buf *b)
 {
-    struct ckv_engine_stats st;
-    ckv_engine_stats(w->e, &st);
+    pthread_mutex_lock(&w->mu);
+    struct snapshot s = w->snap;
+    pthread_mutex_unlock(&w->mu);
     struct ckv_stats_writer sw;
     ckv_stats_begin(&sw, b, prometheus, "ckv_worker");
     ckv_stats_section(&sw, "Worker");
@@ -678,32 +791,31 @@ static void render_stats(struct worker *w, bool prometheus, struct ckv_buf *b)
                     (double)(ckv_now_ms() - w->t_start_ms) / 1e3);
     ckv_stats_gauge(&sw, "registered", "1 when the router knows this worker", w->registered);
     ckv_stats_section(&sw, "Requests");
-    ckv_stats_gauge(&sw, "active", "sequences being generated", w->n_active);
-    ckv_stats_gauge(&sw, "waiting", "requests waiting for a slot", w->n_waiting);
+    ckv_stats_gauge(&sw, "active", "sequences being generated", s.n_active);
+    ckv_stats_gauge(&sw, "waiting", "requests waiting for a slot", s.n_waiting);
     ckv_stats_gauge(&sw, "capacity", "sequences at once", w->cfg.max_seqs);
-    ckv_stats_counter(&sw, "requests_done", "requests finished", w->requests_done);
-    ckv_stats_counter(&sw, "requests_failed", "requests ended by an error", w->requests_failed);
-    ckv_stats_counter(&sw, "bad_requests", "requests refused as malformed", w->bad_requests);
-    ckv_stats_counter(&sw, "cancelled", "requests cancelled", w->cancelled);
-    ckv_stats_counter(&sw, "tokens_generated", "tokens generated", w->tokens_generated);
-    ckv_stats_counter(&sw, "prompt_tokens", "prompt tokens prefilled", w->prompt_tokens);
+    ckv_stats_counter(&sw, "requests_done", "requests finished", s.requests_done);
+    ckv_stats_counter(&sw, "requests_failed", "requests ended by an error", s.requests_failed);
+    ckv_stats_counter(&sw, "bad_requests", "requests refused as malformed", s.bad_requests);
+    ckv_stats_counter(&sw, "cancelled", "requests cancelled", s.cancelled);
+    ckv_stats_counter(&sw, "tokens_generated", "tokens generated", s.tokens_generated);
+    ckv_stats_counter(&sw, "prompt_tokens", "prompt tokens prefilled", s.prompt_tokens);
     ckv_stats_section(&sw, "Engine");
-    ckv_stats_counter(&sw, "decode_steps", "batched decode steps", st.decode_steps);
-    ckv_stats_gauge(&sw, "decode_tok_s", "recent decode speed, all sequences", w->tok_s);
-    ckv_stats_gauge(&sw, "prefill_ms", "time in prefill", st.prefill_ms);
-    ckv_stats_gauge(&sw, "decode_ms", "time in decode", st.decode_ms);
-    ckv_stats_gauge(&sw, "attn_ms", "time in attention", st.attn_ms);
-    ckv_stats_counter(&sw, "kv_cache_hits", "cluster cache hits", st.kv.cache_hits);
-    ckv_stats_counter(&sw, "kv_cache_misses", "cluster cache misses", st.kv.cache_misses);
-    ckv_stats_counter(&sw, "clusters_made", "clusters made by k-means", st.kv.clusters_made);
-    struct ckv_block_store_kvs_stats ks;
-    if (w->store && ckv_block_store_kvs_stats(w->store, &ks) == 0) {
+    ckv_stats_counter(&sw, "decode_steps", "batched decode steps", s.es.decode_steps);
+    ckv_stats_gauge(&sw, "decode_tok_s", "recent decode speed, all sequences", s.tok_s);
+    ckv_stats_gauge(&sw, "prefill_ms", "time in prefill", s.es.prefill_ms);
+    ckv_stats_gauge(&sw, "decode_ms", "time in decode", s.es.decode_ms);
+    ckv_stats_gauge(&sw, "attn_ms", "time in attention", s.es.attn_ms);
+    ckv_stats_counter(&sw, "kv_cache_hits", "cluster cache hits", s.es.kv.cache_hits);
+    ckv_stats_counter(&sw, "kv_cache_misses", "cluster cache misses", s.es.kv.cache_misses);
+    ckv_stats_counter(&sw, "clusters_made", "clusters made by k-means", s.es.kv.clusters_made);
+    if (s.have_ks) {
         ckv_stats_section(&sw, "Kvstore");
-        ckv_stats_counter(&sw, "store_puts", "put calls", ks.puts);
-        ckv_stats_counter(&sw, "store_clusters_put", "clusters written", ks.clusters_put);
-        ckv_stats_counter(&sw, "store_gets", "get calls", ks.gets);
-        ckv_stats_counter(&sw, "store_clusters_got", "clusters read", ks.clusters_got);
-        ckv_stats_counter(&sw, "store_errors", "failed store calls", ks.errors);
+        ckv_stats_counter(&sw, "store_puts", "put calls", s.ks.puts);
+        ckv_stats_counter(&sw, "store_clusters_put", "clusters written", s.ks.clusters_put);
+        ckv_stats_counter(&sw, "store_gets", "get calls", s.ks.gets);
+        ckv_stats_counter(&sw, "store_clusters_got", "clusters read", s.ks.clusters_got);
+        ckv_stats_counter(&sw, "store_errors", "failed store calls", s.ks.errors);
     }
 }
 
@@ -798,6 +910,16 @@ static int worker_open(struct worker *w, char *err, size_t errlen)
              ckv_ctx_describe(ckv_engine_ctx(w->e)), cfg->max_seqs, method_names[cfg->method]);
 
     w->zctx = zmq_ctx_new();
+    w->pipe_io = zmq_socket(w->zctx, ZMQ_PAIR);
+    w->pipe_cpu = zmq_socket(w->zctx, ZMQ_PAIR);
+    if (!w->pipe_io || !w->pipe_cpu || zmq_bind(w->pipe_io, "inproc://worker-pipe") != 0 ||
+        zmq_connect(w->pipe_cpu, "inproc://worker-pipe") != 0)
+        return ckv_errorf(-EIO, err, errlen, "inproc pipe: %s", zmq_strerror(errno));
+    int big = 0; /* no high-water mark on the pipe: the threads never drop each other's work */
+    zmq_setsockopt(w->pipe_io, ZMQ_SNDHWM, &big, sizeof(big));
+    zmq_setsockopt(w->pipe_io, ZMQ_RCVHWM, &big, sizeof(big));
+    zmq_setsockopt(w->pipe_cpu, ZMQ_SNDHWM, &big, sizeof(big));
+    zmq_setsockopt(w->pipe_cpu, ZMQ_RCVHWM, &big, sizeof(big));
     w->router = zmq_socket(w->zctx, ZMQ_DEALER);
     if (!w->router)
         return ckv_errorf(-errno, err, errlen, "zmq_socket: %s", zmq_strerror(errno));
@@ -821,6 +943,7 @@ static int worker_open(struct worker *w, char *err, size_t errlen)
     }
     w->hb_ms = cfg->heartbeat_ms;
     w->t_start_ms = ckv_now_ms();
+    publish(w);
     return 0;
 }
 
@@ -833,13 +956,14 @@ static void worker_close(struct worker *w)
         w->waiting = r->next;
         req_free(w, r);
     }
-    if (w->router)
-        zmq_close(w->router);
-    if (w->stats_sock) {
-        zmq_close(w->stats_sock);
-        if (strncmp(w->cfg.stats_endpoint, "ipc://", 6) == 0)
-            unlink(w->cfg.stats_endpoint + 6);
-    }
+    void **socks[] = {&w->router, &w->stats_sock, &w->pipe_io, &w->pipe_cpu};
+    for (size_t i = 0; i < CKV_ARRAY_LEN(socks); i++)
+        if (*socks[i]) {
+            zmq_close(*socks[i]);
+            *socks[i] = NULL;
+        }
+    if (w->cfg.stats_endpoint[0] && strncmp(w->cfg.stats_endpoint, "ipc://", 6) == 0)
+        unlink(w->cfg.stats_endpoint + 6);
     if (w->zctx)
         zmq_ctx_term(w->zctx);
     ckv_engine_close(&w->e);
@@ -849,37 +973,23 @@ static void worker_close(struct worker *w)
     free(w->tokens);
 }
 
-static int worker_run(struct worker *w)
+/* The compute thread: the engine's loop until stop, then every request fails. */
+static void *compute_main(void *arg)
 {
-    send_register(w);
+    struct worker *w = arg;
     while (!w->stop) {
-        zmq_pollitem_t items[2] = {
-            {.socket = w->router, .events = ZMQ_POLLIN},
-            {.socket = w->stats_sock, .events = ZMQ_POLLIN},
-        };
-        int n_items = w->stats_sock ? 2 : 1;
-        long timeout;
-        if (w->n_active > 0 || (w->waiting && w->n_active < w->cfg.max_seqs)) {
-            timeout = 0; /* work to do: only look */
-        } else {
-            uint64_t now = ckv_now_ms();
-            uint64_t wake = w->registered ? w->next_hb_ms : w->last_register_ms + 1000;
-            timeout = wake > now ? (long)(wake - now) : 0;
+        bool busy = w->n_active > 0 || (w->waiting && w->n_active < w->cfg.max_seqs);
+        zmq_pollitem_t it = {.socket = w->pipe_cpu, .events = ZMQ_POLLIN};
+        int rc = zmq_poll(&it, 1, busy ? 0 : 100);
+        if (rc < 0 && errno != EINTR) {
+            LOG_ERROR("zmq_poll (compute): %s", zmq_strerror(errno));
+            break;
         }
-        int rc = zmq_poll(items, n_items, timeout);
-        if (rc < 0) {
-            if (errno == EINTR)
-                continue;
-            LOG_ERROR("zmq_poll: %s", zmq_strerror(errno));
-            return -errno;
-        }
-        if (items[0].revents & ZMQ_POLLIN)
-            on_router(w);
-        if (n_items > 1 && (items[1].revents & ZMQ_POLLIN))
-            on_stats_sock(w);
+        if (rc > 0)
+            on_pipe(w);
         admit(w);
         step(w);
-        heartbeat_if_due(w);
+        publish(w);
     }
     LOG_INFO("stopping: %d active and %d waiting requests fail", w->n_active, w->n_waiting);
     while (w->active) {
@@ -895,6 +1005,51 @@ static int worker_run(struct worker *w)
         req_free(w, r);
     }
     w->n_waiting = 0;
+    atomic_store(&w->compute_done, true);
+    return NULL;
+}
+
+/* The I/O thread's loop: router, pipe, stats socket, heartbeats. Runs until the compute
+ * thread has finished (after stop), so that its last errors reach the router. */
+static int worker_run(struct worker *w)
+{
+    pthread_t th;
+    int rc = pthread_create(&th, NULL, compute_main, w);
+    if (rc) {
+        LOG_ERROR("compute thread: %s", strerror(rc));
+        return -rc;
+    }
+    send_register(w);
+    while (!atomic_load(&w->compute_done)) {
+        zmq_pollitem_t items[3] = {
+            {.socket = w->router, .events = ZMQ_POLLIN},
+            {.socket = w->pipe_io, .events = ZMQ_POLLIN},
+            {.socket = w->stats_sock, .events = ZMQ_POLLIN},
+        };
+        int n_items = w->stats_sock ? 3 : 2;
+        uint64_t now = ckv_now_ms();
+        uint64_t wake = w->registered ? w->next_hb_ms : w->last_register_ms + 1000;
+        long timeout = wake > now ? (long)(wake - now) : 0;
+        if (w->stop) /* waiting for the compute thread: look often */
+            timeout = CKV_MIN(timeout, 20);
+        rc = zmq_poll(items, n_items, timeout);
+        if (rc < 0 && errno != EINTR) {
+            LOG_ERROR("zmq_poll: %s", zmq_strerror(errno));
+            w->stop = 1;
+            break;
+        }
+        if (rc > 0) {
+            if (items[0].revents & ZMQ_POLLIN)
+                on_router(w);
+            if (items[1].revents & ZMQ_POLLIN)
+                on_pipe_io(w);
+            if (n_items > 2 && (items[2].revents & ZMQ_POLLIN))
+                on_stats_sock(w);
+        }
+        heartbeat_if_due(w);
+    }
+    pthread_join(th, NULL);
+    on_pipe_io(w); /* the compute thread's last words */
     return 0;
 }
 
@@ -949,6 +1104,7 @@ int main(int argc, char **argv)
         ckv_log_set_fd(fd);
     }
     ckv_config_log(worker_options, &w.cfg);
+    pthread_mutex_init(&w.mu, NULL);
     the_worker = &w;
     struct sigaction sa = {.sa_handler = on_signal};
     sigemptyset(&sa.sa_mask);
