@@ -117,7 +117,8 @@ static struct ckv_weight make_weight(struct ktest_rng *r, enum ckv_wtype t, int 
             memcpy(blk, &d, 2);
             if (t == CKV_W_Q8_0) {
                 for (int e = 0; e < 32; e++)
-                    blk[2 + e] = (uint8_t)(int8_t)ktest_int(r, -127, 127);
+                    blk[2 + e] =
+                        (uint8_t)(int8_t)ktest_int(r, -128, 127); /* -128 too: a file may hold it */
                 continue;
             }
             int hdr = 2;
