@@ -86,6 +86,11 @@ static inline int is_quant(enum ckv_wtype t)
     return t == CKV_W_Q4_0 || t == CKV_W_Q4_1 || t == CKV_W_Q8_0;
 }
 
+/* 1.5 * 2^23: adding and subtracting it rounds a float of magnitude < 2^22 to an integer,
+ * to nearest even in the default rounding mode (nearbyintf's result, without its libm call,
+ * and vectorisable). */
+#define ROUND_MAGIC 12582912.0f
+
 /* Quantizes one row of cols (a multiple of 32) f32 values to cols/32 blocks. The scale is the
  * one of llama.cpp's activations (d = max|x|/127, q = round(x * 127/max|x|), ties to even as
  * its SIMD paths round); NaN quantizes to 0 rather than to an undefined integer. */
@@ -99,13 +104,18 @@ static void quantize_row_q8(const float *x, int cols, struct cpu_q8 *out)
             amax = a > amax ? a : amax;
         }
         float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sum = 0;
+        float qf[CPU_QK];
         for (int j = 0; j < CPU_QK; j++) {
             float v = xb[j] * id;
-            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v == v ? v : 0.0f;
-            int q = (int)nearbyintf(v);
-            out[b].q[j] = (int8_t)q;
-            sum += q;
+            v = v > 127.0f ? 127.0f : v;
+            v = v < -127.0f ? -127.0f : v;
+            v = v == v ? v : 0.0f;
+            qf[j] = (v + ROUND_MAGIC) - ROUND_MAGIC;
+        }
+        int sum = 0;
+        for (int j = 0; j < CPU_QK; j++) {
+            out[b].q[j] = (int8_t)(int)qf[j];
+            sum += (int)qf[j];
         }
         out[b].d = amax / 127.0f;
         out[b].s = out[b].d * (float)sum;

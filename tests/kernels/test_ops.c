@@ -276,6 +276,12 @@ static void run_matmul(enum ckv_wtype t, int rows, int cols, uint64_t seed)
             x[(size_t)i * cols + (i * 7) % cols] = 30.0f;
             if (cols >= 64)
                 memset(x + (size_t)i * cols + 32, 0, 32 * sizeof(float));
+            if (i % 2) { /* block 0 on the grid's half points: ties round to even */
+                float *b0 = x + (size_t)i * cols;
+                b0[0] = 127.0f;
+                for (int e = 1; e < 32; e++)
+                    b0[e] = (float)(e % 2 ? e : -e) * 0.5f;
+            }
         }
         size_t ny = (size_t)n * rows;
         double *buf = malloc(4 * ny * sizeof(double));
