@@ -296,6 +296,7 @@ static int run_one(ckv_ctx_t *ctx, const struct bench_cfg *cfg, int t, int rows,
             times[k++] = (double)(ckv_now_ns() - t0) * 1e-6;
         }
         out->blas_ms = median(times, k);
+        openblas_set_num_threads(1); /* what ckv_matmul's own OpenBLAS path expects */
     }
 #endif
 out:
