@@ -7,6 +7,7 @@
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -194,10 +195,11 @@ static void fx_prefill(struct fx *f, int n, int chunk)
     free(ref);
 }
 
-/* One decode step: appends a token to every layer, decodes it with q; out/ref per layer
- * receive the method's output and the full-attention reference when not NULL. Returns the
- * largest relative error against full attention over all layers. */
-static float fx_step(struct fx *f, float *q_out)
+/* One decode step: appends a token to every layer and decodes it with a random query (or
+ * q_in's, per layer, when not NULL). q_out / out (n_layers, n_q_heads, head_dim) receive the
+ * queries and the method's outputs when not NULL. Returns the largest relative error against
+ * full attention over the layers. */
+static float fx_step_q(struct fx *f, const float *q_in, float *q_out, float *o_out)
 {
     int row = f->g.n_kv_heads * f->g.head_dim, qrow = f->g.n_q_heads * f->g.head_dim;
     float k[row], v[row], q[qrow], out[qrow], ref[qrow];
@@ -206,7 +208,10 @@ static float fx_step(struct fx *f, float *q_out)
     for (int l = 0; l < f->g.n_layers; l++) {
         fx_make_kv(f, l, pos, 1, k, v);
         cr_assert_eq(ckv_kvcache_append(f->kv, l, k, v, 1), 0);
-        rand_q(f, q);
+        if (q_in)
+            memcpy(q, q_in + (size_t)l * qrow, sizeof(q));
+        else
+            rand_q(f, q);
         int rc = ckv_kvcache_attn_decode(f->kv, l, q, out);
         cr_assert_eq(rc, 0, "attn_decode layer %d: %d", l, rc);
         ref_full(f, l, q, pos + 1, ref);
@@ -215,9 +220,16 @@ static float fx_step(struct fx *f, float *q_out)
             worst = e;
         if (q_out)
             memcpy(q_out + (size_t)l * qrow, q, sizeof(q));
+        if (o_out)
+            memcpy(o_out + (size_t)l * qrow, out, sizeof(out));
     }
     cr_assert_eq(ckv_kvcache_end_step(f->kv), 0);
     return worst;
+}
+
+static float fx_step(struct fx *f, float *q_out)
+{
+    return fx_step_q(f, NULL, q_out, NULL);
 }
 
 static const struct ckv_kv_geom geom_small = {
@@ -344,4 +356,92 @@ Test(kvcache, bad_options_are_einval)
     o.method = CKV_KV_FULL;
     cr_assert_eq(ckv_kvcache_new(ctx, &g, &o, NULL, 1, &kv, err, sizeof(err)), -EINVAL);
     ckv_ctx_destroy(&ctx);
+}
+
+static const struct ckv_kv_geom geom_ckv = {
+    .n_layers = 4, .n_q_heads = 4, .n_kv_heads = 2, .head_dim = 32, .max_ctx = 2048};
+
+static struct ckv_kv_opts opts_of(enum ckv_kv_method m, int budget)
+{
+    struct ckv_kv_opts o;
+    ckv_kv_opts_default(&o);
+    o.method = m;
+    o.budget = budget;
+    o.window = 32;
+    o.window_clusters = 4;
+    o.tokens_per_cluster = 20;
+    return o;
+}
+
+/* With a budget above the context every method is full attention (to f16 rounding): for
+ * clusterkv through the prompt's clusters, the window and, after window clustering, the
+ * windows' clusters, each selection mode. */
+static void check_large_budget(enum ckv_kv_method m, enum ckv_select_mode mode, int cache_blocks)
+{
+    struct ckv_kv_opts o = opts_of(m, 4096);
+    o.select_mode = mode;
+    o.cache_blocks = cache_blocks;
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    fx_prefill(&f, 300, 128);
+    for (int s = 0; s < 70; s++) {
+        float e = fx_step(&f, NULL);
+        cr_assert_lt(e, 2e-3f, "%s mode %d step %d: error %g", ckv_kv_method_name(m), (int)mode, s,
+                     e);
+    }
+    struct ckv_kv_stats st;
+    ckv_kvcache_stats(f.kv, &st);
+    cr_assert_eq(st.decode_attn_calls, 70 * 4);
+    if (m == CKV_KV_CLUSTERKV) {
+        /* 2 sparse layers x 2 heads: the prompt's clusters (<= 14 each, k-means may drop
+         * empty ones) and two windows of 4 (steps 15 and 47) */
+        cr_assert_geq(st.clusters_made, 2 * 2 * (10 + 2 * 4), "%llu",
+                      (unsigned long long)st.clusters_made);
+        cr_assert_leq(st.clusters_made, 2 * 2 * (14 + 2 * 4));
+        if (cache_blocks == 0) {
+            /* unbounded: every prompt cluster missed once, window clusters were cached when
+             * made, everything else hit */
+            cr_assert_eq(st.cache_misses, st.clusters_made - 2 * 2 * 2 * 4);
+            cr_assert_gt(st.cache_hits, 0);
+        } else {
+            /* smaller than a layer's selection: every lookup misses, one get per sparse
+             * layer and step */
+            cr_assert_eq(st.cache_hits, 0);
+        }
+        struct ckv_block_store_mem_stats ms;
+        cr_assert_eq(ckv_block_store_mem_stats(f.store, &ms), 0);
+        cr_assert_eq(ms.clusters, st.clusters_made);
+        /* one put per layer: after prefill and at each window */
+        cr_assert_eq(ms.puts, 2 * 3);
+        size_t bb = ckv_block_bytes(32, CKV_DTYPE_F16);
+        cr_assert_eq(st.cache_miss_bytes % bb, 0);
+        cr_assert_geq(st.cache_miss_bytes, st.cache_misses * bb);
+        if (cache_blocks)
+            cr_assert_eq(ms.gets, 70 * 2);
+        printf("clusterkv mode %d cache %d: made %llu hits %llu misses %llu gets %llu\n", (int)mode,
+               cache_blocks, (unsigned long long)st.clusters_made,
+               (unsigned long long)st.cache_hits, (unsigned long long)st.cache_misses,
+               (unsigned long long)ms.gets);
+    }
+    fx_close(&f);
+}
+
+Test(kvcache, clusterkv_large_budget_is_full)
+{
+    check_large_budget(CKV_KV_CLUSTERKV, CKV_SELECT_KVHEAD_SUM, 0);
+    check_large_budget(CKV_KV_CLUSTERKV, CKV_SELECT_KVHEAD_MAX, 0);
+    check_large_budget(CKV_KV_CLUSTERKV, CKV_SELECT_PER_QHEAD, 0);
+}
+
+Test(kvcache, clusterkv_tiny_cache_is_still_exact)
+{
+    /* a cache far smaller than one layer's selection: evictions every step, same result */
+    check_large_budget(CKV_KV_CLUSTERKV, CKV_SELECT_KVHEAD_SUM, 4);
+}
+
+Test(kvcache, quest_streaming_large_budget_is_full)
+{
+    check_large_budget(CKV_KV_QUEST, CKV_SELECT_KVHEAD_SUM, 0);
+    check_large_budget(CKV_KV_QUEST, CKV_SELECT_PER_QHEAD, 0);
+    check_large_budget(CKV_KV_STREAMING, CKV_SELECT_KVHEAD_SUM, 0);
 }
