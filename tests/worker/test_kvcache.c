@@ -445,3 +445,235 @@ Test(kvcache, quest_streaming_large_budget_is_full)
     check_large_budget(CKV_KV_QUEST, CKV_SELECT_PER_QHEAD, 0);
     check_large_budget(CKV_KV_STREAMING, CKV_SELECT_KVHEAD_SUM, 0);
 }
+
+/* clusterkv with a small budget attends exactly sinks + min(budget, clustered) + window
+ * tokens per selection unit in the sparse layers, everything in the full ones. */
+static void check_small_budget(enum ckv_select_mode mode)
+{
+    struct ckv_kv_opts o = opts_of(CKV_KV_CLUSTERKV, 64);
+    o.select_mode = mode;
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    fx_prefill(&f, 300, 100);
+    int units = mode == CKV_SELECT_PER_QHEAD ? 4 : 2;
+    /* after the prompt: 16 sinks, window of 32 / 2 = 16 tokens, 268 clustered */
+    int n = 300, nwin = 16, clustered = 268;
+    struct ckv_kv_stats st0, st1;
+    float worst = 0;
+    for (int s = 0; s < 60; s++) {
+        ckv_kvcache_stats(f.kv, &st0);
+        float e = fx_step(&f, NULL);
+        worst = e > worst ? e : worst;
+        ckv_kvcache_stats(f.kv, &st1);
+        n++;
+        nwin++;
+        uint64_t want = 2 * (uint64_t)units * n +
+                        2 * (uint64_t)units * (16 + (clustered < 64 ? clustered : 64) + nwin);
+        cr_assert_eq(st1.attended_tokens - st0.attended_tokens, want, "step %d: %llu, want %llu", s,
+                     (unsigned long long)(st1.attended_tokens - st0.attended_tokens),
+                     (unsigned long long)want);
+        cr_assert_geq(st1.clusters_selected - st0.clusters_selected, 2 * units * 1);
+        if (nwin == 32) {
+            /* the full window was clustered at the end of this step */
+            cr_assert_eq(st1.clusters_made - st0.clusters_made, 2 * 2 * 4, "step %d", s);
+            clustered += 32;
+            nwin = 0;
+        } else {
+            cr_assert_eq(st1.clusters_made, st0.clusters_made, "step %d", s);
+        }
+    }
+    /* 64 of ~300 tokens: not full attention any more (a sanity check that it is sparse) */
+    cr_assert_gt(worst, 1e-2f);
+    fx_close(&f);
+}
+
+Test(kvcache, clusterkv_small_budget_attends_budget)
+{
+    check_small_budget(CKV_SELECT_KVHEAD_SUM);
+    check_small_budget(CKV_SELECT_PER_QHEAD);
+}
+
+Test(kvcache, clusterkv_repeated_query_hits_cache)
+{
+    struct ckv_kv_opts o = opts_of(CKV_KV_CLUSTERKV, 64);
+    o.window = 64; /* no window clustering within these steps */
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    fx_prefill(&f, 400, 200);
+    int qrow = geom_ckv.n_q_heads * geom_ckv.head_dim;
+    float *q = malloc(sizeof(float) * (size_t)qrow * geom_ckv.n_layers);
+    for (int i = 0; i < qrow * geom_ckv.n_layers; i++)
+        q[i] = rng_normal(&f.rng);
+    struct ckv_kv_stats a, b;
+    fx_step_q(&f, q, NULL, NULL);
+    ckv_kvcache_stats(f.kv, &a);
+    cr_assert_eq(a.cache_hits, 0);
+    cr_assert_gt(a.cache_misses, 0);
+    /* KV-head units of distinct heads never share a cluster: misses == clusters selected */
+    cr_assert_eq(a.cache_misses, a.clusters_selected);
+    for (int s = 0; s < 10; s++)
+        fx_step_q(&f, q, NULL, NULL);
+    ckv_kvcache_stats(f.kv, &b);
+    cr_assert_eq(b.cache_misses, a.cache_misses, "the same query selects the same clusters");
+    cr_assert_eq(b.cache_hits, 10 * a.clusters_selected);
+    cr_assert_eq(b.cache_hit_bytes, 10 * a.cache_miss_bytes);
+    free(q);
+    fx_close(&f);
+}
+
+Test(kvcache, clusterkv_short_prompt)
+{
+    /* a prompt shorter than the sinks: the first decoded tokens are sinks, then the window
+     * fills and is clustered; still full attention at a large budget */
+    struct ckv_kv_opts o = opts_of(CKV_KV_CLUSTERKV, 4096);
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    fx_prefill(&f, 5, 5);
+    for (int s = 0; s < 80; s++)
+        cr_assert_lt(fx_step(&f, NULL), 2e-3f, "step %d", s);
+    struct ckv_kv_stats st;
+    ckv_kvcache_stats(f.kv, &st);
+    /* windows of 32 after 16 sinks: clustered at positions 48 and 80 */
+    cr_assert_eq(st.clusters_made, 2 * 2 * 2 * 4);
+    fx_close(&f);
+}
+
+Test(kvcache, streaming_is_sinks_plus_recent)
+{
+    struct ckv_kv_opts o = opts_of(CKV_KV_STREAMING, 64);
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    fx_prefill(&f, 200, 64);
+    int qrow = geom_ckv.n_q_heads * geom_ckv.head_dim, d = geom_ckv.head_dim;
+    float *q = malloc(sizeof(float) * (size_t)qrow * geom_ckv.n_layers);
+    float *out = malloc(sizeof(float) * (size_t)qrow * geom_ckv.n_layers);
+    float ref[qrow];
+    int pos[16 + 64];
+    for (int s = 0; s < 5; s++) {
+        fx_step_q(&f, NULL, q, out);
+        int n = ckv_kvcache_n_tokens(f.kv);
+        for (int i = 0; i < 16; i++)
+            pos[i] = i;
+        for (int i = 0; i < 64; i++)
+            pos[16 + i] = n - 64 + i;
+        for (int l = 0; l < geom_ckv.n_layers; l++) {
+            const float *ql = q + (size_t)l * qrow;
+            if (l < o.full_layers)
+                ref_full(&f, l, ql, n, ref);
+            else
+                for (int qh = 0; qh < geom_ckv.n_q_heads; qh++)
+                    ref_attn(&f, l, qh, ql + qh * d, pos, 80, ref + qh * d);
+            float e = rel_err(out + (size_t)l * qrow, ref, qrow);
+            cr_assert_lt(e, 2e-3f, "step %d layer %d: error %g", s, l, e);
+        }
+    }
+    free(q);
+    free(out);
+    fx_close(&f);
+}
+
+/* Quest's choice by a scalar reference: page bounds of the stored keys, page score
+ * sum_i max(q_i M_i, q_i m_i) per query head (folded by max or sum over a group for the KV
+ * head modes), top n_select with the last page forced in, ties to the lower page. */
+static void quest_ref_pages(const struct fx *f, int l, const float *q, int n, int unit,
+                            enum ckv_select_mode mode, int n_select, int *pages, int *count)
+{
+    int d = f->g.head_dim, G = f->g.n_q_heads / f->g.n_kv_heads, row = f->g.n_kv_heads * d;
+    int np = (n + 15) / 16;
+    int h = mode == CKV_SELECT_PER_QHEAD ? unit / G : unit;
+    int q0 = mode == CKV_SELECT_PER_QHEAD ? unit : h * G, nq = mode == CKV_SELECT_PER_QHEAD ? 1 : G;
+    double *score = malloc(sizeof(double) * np);
+    for (int p = 0; p < np; p++) {
+        double s = 0;
+        for (int r = 0; r < nq; r++) {
+            double v = 0;
+            for (int i = 0; i < d; i++) {
+                float mn = INFINITY, mx = -INFINITY;
+                for (int t = p * 16; t < n && t < p * 16 + 16; t++) {
+                    float x = f->k[l][(size_t)t * row + h * d + i];
+                    mn = x < mn ? x : mn;
+                    mx = x > mx ? x : mx;
+                }
+                double qi = q[(size_t)(q0 + r) * d + i], a = qi * mx, b = qi * mn;
+                v += a > b ? a : b;
+            }
+            if (r == 0)
+                s = v;
+            else
+                s = mode == CKV_SELECT_KVHEAD_MAX ? (v > s ? v : s) : s + v;
+        }
+        score[p] = s;
+    }
+    int k = n_select < np ? n_select : np, have_last = 0;
+    char *taken = calloc((size_t)np, 1);
+    for (int i = 0; i < k; i++) {
+        int best = -1;
+        for (int p = 0; p < np; p++)
+            if (!taken[p] && (best < 0 || score[p] > score[best]))
+                best = p;
+        taken[best] = 1;
+        pages[i] = best;
+        have_last |= best == np - 1;
+    }
+    if (!have_last)
+        pages[k - 1] = np - 1;
+    *count = k;
+    free(score);
+    free(taken);
+}
+
+static void check_quest(enum ckv_select_mode mode)
+{
+    struct ckv_kv_opts o = opts_of(CKV_KV_QUEST, 64);
+    o.select_mode = mode;
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    fx_prefill(&f, 250, 128);
+    int qrow = geom_ckv.n_q_heads * geom_ckv.head_dim, d = geom_ckv.head_dim;
+    int G = geom_ckv.n_q_heads / geom_ckv.n_kv_heads;
+    float *q = malloc(sizeof(float) * (size_t)qrow * geom_ckv.n_layers);
+    float *out = malloc(sizeof(float) * (size_t)qrow * geom_ckv.n_layers);
+    float ref[qrow];
+    int units = mode == CKV_SELECT_PER_QHEAD ? 4 : 2;
+    for (int s = 0; s < 20; s++) {
+        struct ckv_kv_stats a, b;
+        ckv_kvcache_stats(f.kv, &a);
+        fx_step_q(&f, NULL, q, out);
+        ckv_kvcache_stats(f.kv, &b);
+        int n = ckv_kvcache_n_tokens(f.kv);
+        uint64_t attended = 0;
+        for (int l = 0; l < geom_ckv.n_layers; l++) {
+            const float *ql = q + (size_t)l * qrow;
+            if (l < o.full_layers) {
+                ref_full(&f, l, ql, n, ref);
+                attended += (uint64_t)units * n;
+            } else {
+                for (int u = 0; u < units; u++) {
+                    int pages[8], cnt, pos[8 * 16], np = 0;
+                    quest_ref_pages(&f, l, ql, n, u, mode, 4, pages, &cnt);
+                    for (int i = 0; i < cnt; i++)
+                        for (int t = pages[i] * 16; t < n && t < pages[i] * 16 + 16; t++)
+                            pos[np++] = t;
+                    attended += (uint64_t)np;
+                    int qh0 = mode == CKV_SELECT_PER_QHEAD ? u : u * G;
+                    int nqh = mode == CKV_SELECT_PER_QHEAD ? 1 : G;
+                    for (int qh = qh0; qh < qh0 + nqh; qh++)
+                        ref_attn(&f, l, qh, ql + qh * d, pos, np, ref + qh * d);
+                }
+            }
+            float e = rel_err(out + (size_t)l * qrow, ref, qrow);
+            cr_assert_lt(e, 2e-3f, "mode %d step %d layer %d: error %g", (int)mode, s, l, e);
+        }
+        cr_assert_eq(b.attended_tokens - a.attended_tokens, attended, "step %d", s);
+    }
+    free(q);
+    free(out);
+    fx_close(&f);
+}
+
+Test(kvcache, quest_pages_match_reference)
+{
+    check_quest(CKV_SELECT_PER_QHEAD);
+    check_quest(CKV_SELECT_KVHEAD_SUM);
+    check_quest(CKV_SELECT_KVHEAD_MAX);
+}
