@@ -65,7 +65,7 @@ struct worker_config {
     int default_max_tokens;
     int heartbeat_ms;
     int method, select;
-    int budget, sinks, window, tokens_per_cluster, full_layers;
+    int budget, sinks, window, tokens_per_cluster, full_layers, cache_blocks;
     uint64_t max_msg_bytes;
     char log_level[16];
     char log_file[PATH_MAX];
@@ -108,6 +108,8 @@ static const struct ckv_config_opt worker_options[] = {
                 "prompt tokens per cluster"),
     CKV_OPT_INT(C, full_layers, "full-layers", "2", 0, 1024,
                 "first layers always use full attention"),
+    CKV_OPT_INT(C, cache_blocks, "cache-blocks", "0", 0, 1 << 30,
+                "cluster cache per sequence, in blocks (misses go to the store); 0: unbounded"),
     CKV_OPT_ENUM(C, select, "select", "per-qhead", select_names,
                  "GQA selection unit: per-qhead, kvhead-max, kvhead-sum"),
     CKV_OPT_SIZE(C, max_msg_bytes, "max-msg-size", "4m", 4096, 1ull << 30,
@@ -497,6 +499,7 @@ static void admit(struct worker *w)
         kv.window = w->cfg.window;
         kv.tokens_per_cluster = w->cfg.tokens_per_cluster;
         kv.full_layers = w->cfg.full_layers;
+        kv.cache_blocks = w->cfg.cache_blocks;
         if (g->method && *g->method && ckv_kv_method_parse(g->method, &kv.method) < 0) {
             rc = ckv_errorf(-EINVAL, err, sizeof(err),
                             "method '%s': full, clusterkv, quest or streaming", g->method);
@@ -888,6 +891,7 @@ static int worker_open(struct worker *w, char *err, size_t errlen)
     eo.kv.window = cfg->window;
     eo.kv.tokens_per_cluster = cfg->tokens_per_cluster;
     eo.kv.full_layers = cfg->full_layers;
+    eo.kv.cache_blocks = cfg->cache_blocks;
     eo.store = w->store;
     if ((rc = ckv_engine_open(&eo, &w->e, err, errlen)) < 0)
         return rc;

@@ -24,6 +24,7 @@
 
 #include "ckv_clock.h"
 #include "ckv_error.h"
+#include "ckv_shm.h"
 #include "ckv_test.h"
 #include "ckv_wire.h"
 
@@ -558,13 +559,19 @@ static const char *need_model(void)
     return model;
 }
 
-static pid_t start_worker(const char *model, const char *name)
+/* ckv-worker on the model with method full unless extra says otherwise (extra wins). */
+static pid_t start_worker(const char *model, const char *name, const char *const *extra)
 {
     char bin[512];
     ckv_test_bin_path("ckv-worker", bin, sizeof(bin));
-    char *argv[] = {bin,          "--run-dir",   dir,     "--model",    (char *)model, "--name",
-                    (char *)name, "--threads",   "2",     "--max-seqs", "2",           "--max-ctx",
-                    "256",        "--log-level", "debug", "--method",   "full",        NULL};
+    char *argv[40] = {bin,        "--run-dir",  dir,         "--model",     (char *)model,
+                      "--name",   (char *)name, "--threads", "2",           "--max-seqs",
+                      "2",        "--max-ctx",  "256",       "--log-level", "debug",
+                      "--method", "full"};
+    int n = 17;
+    for (int i = 0; extra && extra[i]; i++)
+        argv[n++] = (char *)extra[i];
+    argv[n] = NULL;
     char log[80];
     snprintf(log, sizeof(log), "%s.log", name);
     return spawn(argv, log);
@@ -595,7 +602,8 @@ static void wait_workers(void *c, int n)
 #if HAVE_ENGINE
 /* Greedy generation in this process: the same steps as ckv-worker (prompt with BOS, argmax,
  * stop at an end-of-generation token). */
-static int reference(const char *model, const char *prompt, int max_tokens, int32_t *out)
+static int reference_kv(const char *model, const struct ckv_kv_opts *kv, const char *prompt,
+                        int max_tokens, int32_t *out)
 {
     struct ckv_engine_opts o;
     ckv_engine_opts_default(&o);
@@ -603,7 +611,7 @@ static int reference(const char *model, const char *prompt, int max_tokens, int3
     o.n_threads = 2;
     o.max_seqs = 1;
     o.max_ctx = 256;
-    o.kv.method = CKV_KV_FULL;
+    o.kv = *kv;
     ckv_engine_t *e = NULL;
     char err[512];
     cr_assert_eq(ckv_engine_open(&o, &e, err, sizeof(err)), 0, "%s", err);
@@ -635,6 +643,14 @@ static int reference(const char *model, const char *prompt, int max_tokens, int3
     ckv_engine_close(&e);
     return got;
 }
+
+static int reference(const char *model, const char *prompt, int max_tokens, int32_t *out)
+{
+    struct ckv_kv_opts kv;
+    ckv_kv_opts_default(&kv);
+    kv.method = CKV_KV_FULL;
+    return reference_kv(model, &kv, prompt, max_tokens, out);
+}
 #endif
 
 static const char *const prompts[2] = {"The capital of France is",
@@ -645,7 +661,7 @@ Test(served, greedy_matches_engine_and_concurrent)
     const char *model = need_model();
 #if HAVE_ENGINE
     start_router(NULL);
-    start_worker(model, "w0");
+    start_worker(model, "w0", NULL);
     void *c = connect_sock(ZMQ_DEALER, client_ep);
     wait_workers(c, 1);
     int32_t ref[2][16];
@@ -715,7 +731,7 @@ Test(served, worker_killed_midstream)
 {
     const char *model = need_model();
     start_router(NULL);
-    pid_t wpid = start_worker(model, "victim");
+    pid_t wpid = start_worker(model, "victim", NULL);
     void *c = connect_sock(ZMQ_DEALER, client_ep);
     wait_workers(c, 1);
     send_generate(c, 1, prompts[0], 200, NULL);
@@ -736,4 +752,101 @@ Test(served, worker_killed_midstream)
               "message does not name the worker and the cause: %s", r.message);
     cr_assert_lt(ckv_now_ms() - t0, 5000, "the error took too long");
     ping(c);
+}
+
+/* A stats value ("name:value" at a line start) of a daemon's key:value stats; -1 if absent. */
+static double daemon_stat(const char *endpoint, const char *name)
+{
+    void *s = connect_sock(ZMQ_DEALER, endpoint);
+    Ckv__Envelope sr = CKV__ENVELOPE__INIT;
+    Ckv__StatsRequest sq = CKV__STATS_REQUEST__INIT;
+    sr.body_case = CKV__ENVELOPE__BODY_STATS_REQUEST;
+    sr.stats_request = &sq;
+    send_body(s, 77, &sr);
+    Ckv__Envelope *e = recv_env(s, 5000);
+    cr_assert_not_null(e, "no stats from %s", endpoint);
+    cr_assert_eq(e->body_case, CKV__ENVELOPE__BODY_STATS_REPLY);
+    char needle[96];
+    snprintf(needle, sizeof(needle), "\n%s:", name);
+    const char *p = strstr(e->stats_reply->text, needle);
+    double v = p ? strtod(p + strlen(needle), NULL) : -1;
+    ckv_wire_free(e);
+    return v;
+}
+
+Test(served, clusterkv_through_kvstore_matches_engine)
+{
+    const char *model = need_model();
+#if HAVE_ENGINE
+    /* the store, with the model's block geometry (head_dim 64) and a segment of its own */
+    char bin[512], seg[64], kvs_ep[420], sock[400], wstats[300];
+    ckv_test_bin_path("ckv-kvstore", bin, sizeof(bin));
+    snprintf(seg, sizeof(seg), "/ckv-test-served-%d", (int)getpid());
+    char *kargv[] = {bin,   "--run-dir",  dir,  "--segment-name", seg,  "--segment-size",
+                     "16m", "--head-dim", "64", "--mlock",        "no", "--spill-size",
+                     "0",   NULL};
+    spawn(kargv, "kvstore.log");
+    snprintf(sock, sizeof(sock), "%s/kvstore.sock", dir);
+    cr_assert_eq(ckv_test_wait_path(sock, 10000), 0, "ckv-kvstore did not come up");
+    snprintf(kvs_ep, sizeof(kvs_ep), "ipc://%s", sock);
+    snprintf(wstats, sizeof(wstats), "ipc://%s/worker-stats.sock", dir);
+    start_router(NULL);
+    /* ClusterKV with a small budget, window and cluster cache: prompt clusters go to the store
+     * after prefill, decode steps select among them and fetch the misses back */
+    const char *extra[] = {"--method",
+                           "clusterkv",
+                           "--budget",
+                           "32",
+                           "--sinks",
+                           "4",
+                           "--window",
+                           "16",
+                           "--tokens-per-cluster",
+                           "8",
+                           "--cache-blocks",
+                           "4",
+                           "--kvstore-endpoint",
+                           kvs_ep,
+                           "--stats-endpoint",
+                           wstats,
+                           NULL};
+    start_worker(model, "wk", extra);
+    void *c = connect_sock(ZMQ_DEALER, client_ep);
+    wait_workers(c, 1);
+    const char *prompt =
+        "Alice keeps the red key in the blue box. Bob keeps the green key under the mat. "
+        "Carol keeps the yellow key in her coat. Dave keeps the black key in the drawer. "
+        "Erin keeps the white key on the shelf. Frank keeps the gold key in his shoe. "
+        "Question: where does Carol keep her key? Answer: Carol keeps the yellow key";
+    struct ckv_kv_opts kv;
+    ckv_kv_opts_default(&kv);
+    kv.method = CKV_KV_CLUSTERKV;
+    kv.budget = 32;
+    kv.sinks = 4;
+    kv.window = 16;
+    kv.tokens_per_cluster = 8;
+    kv.cache_blocks = 4;
+    int32_t ref[16];
+    int n_ref = reference_kv(model, &kv, prompt, 8, ref);
+    send_generate(c, 1, prompt, 8, NULL);
+    uint64_t ids[1] = {1};
+    static struct result r;
+    memset(&r, 0, sizeof(r));
+    collect(c, ids, &r, 1, 60000);
+    cr_assert_eq(r.end, CKV__ENVELOPE__BODY_DONE, "%s", r.message);
+    cr_assert_gt(r.prompt_tokens, 64);
+    cr_assert_eq(r.n, n_ref);
+    for (int i = 0; i < r.n; i++)
+        cr_assert_eq(r.ids[i], ref[i], "token %d: %d, in-process %d", i, r.ids[i], ref[i]);
+    /* the clusters went through the store both ways */
+    cr_assert_gt(daemon_stat(wstats, "store_clusters_put"), 0);
+    cr_assert_gt(daemon_stat(wstats, "store_clusters_got"), 0);
+    cr_assert_eq(daemon_stat(wstats, "store_errors"), 0);
+    cr_assert_gt(daemon_stat(kvs_ep, "commit_clusters"), 0);
+    /* the sequence ended: its clusters are dropped from the store */
+    cr_assert_eq(daemon_stat(kvs_ep, "clusters_resident"), 0);
+    ckv_shm_unlink(seg);
+#else
+    (void)model;
+#endif
 }
