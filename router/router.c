@@ -640,6 +640,9 @@ static void on_generate(router_t *r, const struct ckv_wire_addr *from, Ckv__Enve
                  r->cfg.max_tokens_limit);
     else if (bad_float(g->temperature, 0, 100) || bad_float(g->top_p, 0, 1))
         snprintf(msg, sizeof(msg), "generate: temperature must be in [0, 100], top_p in [0, 1]");
+    else if (g->session_id && strlen(g->session_id) >= sizeof(((struct session *)0)->id))
+        snprintf(msg, sizeof(msg), "generate: session_id longer than %zu bytes",
+                 sizeof(((struct session *)0)->id) - 1);
     else if (job_by_client(r, from))
         snprintf(msg, sizeof(msg), "generate: request %llu is already running for this client",
                  (unsigned long long)env->request_id);

@@ -850,3 +850,58 @@ Test(served, clusterkv_through_kvstore_matches_engine)
     (void)model;
 #endif
 }
+
+Test(served, session_affinity_and_client_disconnect)
+{
+    start_router(NULL);
+    void *c = connect_sock(ZMQ_DEALER, client_ep);
+    void *wa = fake_worker("wa", 2), *wb = fake_worker("wb", 2);
+    /* a session's first request goes somewhere; its second follows it although the other
+     * worker is idle (least loaded) */
+    send_generate(c, 1, "s-first", 50, "sess");
+    void *first = NULL, *other = NULL;
+    Ckv__Envelope *g = NULL;
+    for (int i = 0; i < 50 && !g; i++) {
+        fake_heartbeat(wa);
+        fake_heartbeat(wb);
+        if ((g = recv_env(wa, 50)))
+            first = wa, other = wb;
+        else if ((g = recv_env(wb, 50)))
+            first = wb, other = wa;
+    }
+    cr_assert_not_null(g, "the first request reached no worker");
+    uint64_t job1 = g->request_id;
+    ckv_wire_free(g);
+    send_generate(c, 2, "s-second", 5, "sess");
+    g = fake_expect(first, CKV__ENVELOPE__BODY_GENERATE, 5000);
+    cr_assert_str_eq(g->generate->prompt, "s-second");
+    uint64_t job2 = g->request_id;
+    ckv_wire_free(g);
+    cr_assert_null(recv_env(other, 200), "the other worker got a message");
+    /* without a session, the least loaded (the other, idle) worker */
+    send_generate(c, 3, "free", 5, NULL);
+    g = fake_expect(other, CKV__ENVELOPE__BODY_GENERATE, 5000);
+    cr_assert_str_eq(g->generate->prompt, "free");
+    ckv_wire_free(g);
+    /* the client goes away mid-stream: the next token's relay fails and the router cancels
+     * the jobs on the worker */
+    fake_token(first, job1, 1, 0, "a");
+    for (int i = 0; i < n_socks; i++)
+        if (socks[i] == c) {
+            zmq_close(c);
+            socks[i] = socks[--n_socks];
+        }
+    usleep(200000); /* the router's pipe to the client closes */
+    fake_token(first, job1, 2, 1, "b");
+    Ckv__Envelope *x = fake_expect(first, CKV__ENVELOPE__BODY_CANCEL, 5000);
+    cr_assert_eq(x->request_id, job1);
+    ckv_wire_free(x);
+    (void)job2;
+    /* long session ids are refused */
+    void *c2 = connect_sock(ZMQ_DEALER, client_ep);
+    char long_id[300];
+    memset(long_id, 'x', sizeof(long_id) - 1);
+    long_id[sizeof(long_id) - 1] = 0;
+    send_generate(c2, 9, "p", 1, long_id);
+    ckv_wire_free(expect_error(c2, CKV__ERROR_CODE__ERROR_CODE_BAD_REQUEST));
+}
