@@ -679,12 +679,15 @@ static int layer_rebuild(ckv_kvcache_t *kv, struct kv_layer *L)
             free(sizes);
             return rc;
         }
-        memcpy(sizes + o, H->size, sizeof(int32_t) * (size_t)H->n_clu);
+        if (H->n_clu)
+            memcpy(sizes + o, H->size, sizeof(int32_t) * (size_t)H->n_clu);
         max_clu = CKV_MAX(max_clu, H->n_clu);
         if (H->clustered > kv->o.budget)
             all_small = 0;
     }
-    rc = ckv_copy_h2d(kv->ctx, L->size_all, sizes, sizeof(int32_t) * (size_t)L->n_clu_total);
+    rc = L->n_clu_total
+             ? ckv_copy_h2d(kv->ctx, L->size_all, sizes, sizeof(int32_t) * (size_t)L->n_clu_total)
+             : 0;
     free(sizes);
     if (rc == 0)
         rc = ckv_copy_h2d(kv->ctx, L->head_off_dev, L->head_off,
