@@ -470,10 +470,14 @@ static void on_progress(void *arg, int done, int total)
     publish(arg);
 }
 
-/* Moves waiting requests into free slots: prefill, first token. */
+/* Moves a waiting request into a free slot: prefill, first token. One prefill per loop
+ * iteration: the sequences already decoding get a step between two prefills instead of
+ * waiting for every newcomer's prompt (smoother inter-token latency, a little later first
+ * tokens for the third and later newcomers). Refused requests do not count. */
 static void admit(struct worker *w)
 {
-    while (w->waiting && w->n_active < w->cfg.max_seqs && !w->stop) {
+    int prefills = 0;
+    while (w->waiting && w->n_active < w->cfg.max_seqs && !w->stop && prefills == 0) {
         struct req *r = w->waiting;
         w->waiting = r->next;
         w->n_waiting--;
@@ -530,6 +534,7 @@ static void admit(struct worker *w)
         r->next = w->active;
         w->active = r;
         w->n_active++;
+        prefills++;
         rc = ckv_engine_prefill(w->e, r->seq, ids, n, w->logits, on_progress, w);
         free(ids);
         ids = NULL;
