@@ -57,6 +57,8 @@ const struct ckv_config_opt router_config_options[] = {
                 "TCP port of the GET /metrics listener; 0: none"),
     CKV_OPT_INT(C, queue_max, "queue-max", "256", 0, 1 << 20,
                 "requests waiting for a worker, at most; more are answered `overloaded`"),
+    CKV_OPT_INT(C, queue_timeout_ms, "queue-timeout-ms", "60000", 0, 86400000,
+                "a request waiting longer than this for a worker fails (TIMEOUT); 0: no limit"),
     CKV_OPT_INT(C, heartbeat_ms, "heartbeat-ms", "500", 10, 60000,
                 "workers send a heartbeat this often"),
     CKV_OPT_INT(C, worker_timeout_ms, "worker-timeout-ms", "3000", 50, 600000,
@@ -935,6 +937,17 @@ static void on_worker(router_t *r)
 static void check_workers(router_t *r)
 {
     uint64_t now = ckv_now_ms();
+    if (r->cfg.queue_timeout_ms > 0) {
+        uint64_t now_us = ckv_now_us(), limit_us = (uint64_t)r->cfg.queue_timeout_ms * 1000;
+        for (struct job *j = r->jobs, *next; j; j = next) {
+            next = j->next;
+            if (j->state == JOB_QUEUED && now_us - j->t_recv_us > limit_us)
+                job_fail(r, j, CKV__ERROR_CODE__ERROR_CODE_TIMEOUT, false,
+                         "no worker took the request within %d ms (queue-timeout-ms; %s)",
+                         r->cfg.queue_timeout_ms,
+                         r->ws ? "every worker busy" : "no worker registered");
+        }
+    }
     for (struct worker *w = r->ws, *next; w; w = next) {
         next = w->next;
         uint64_t silent = now - w->last_seen_ms;

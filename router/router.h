@@ -29,6 +29,7 @@ struct router_config {
     char metrics_bind[64];     /* address of the HTTP listener */
     int metrics_port;          /* 0: no listener */
     int queue_max;             /* requests waiting for a worker, at most */
+    int queue_timeout_ms;      /* a request waiting longer fails; 0: waits forever */
     int heartbeat_ms;          /* workers heartbeat this often */
     int worker_timeout_ms;     /* a worker silent this long is dead */
     int max_tokens_limit;      /* a Generate asking for more is refused */

@@ -373,7 +373,7 @@ Test(served, malformed_frames_get_errors)
 
 Test(served, overloaded_queue_answers_at_once)
 {
-    const char *extra[] = {"--queue-max", "1", NULL};
+    const char *extra[] = {"--queue-max", "1", "--queue-timeout-ms", "1500", NULL};
     start_router(extra);
     void *c = connect_sock(ZMQ_DEALER, client_ep);
     send_generate(c, 1, "first", 4, NULL); /* no worker: waits in the queue */
@@ -384,6 +384,17 @@ Test(served, overloaded_queue_answers_at_once)
     cr_assert_lt(ckv_now_ms() - t0, 2000, "overloaded came late");
     cr_assert(strstr(e->error->message, "overloaded"), "%s", e->error->message);
     ckv_wire_free(e);
+    /* a request queued too long fails with TIMEOUT */
+    send_generate(c, 5, "late", 1, NULL);
+    ckv_wire_free(expect_error(c, CKV__ERROR_CODE__ERROR_CODE_OVERLOADED)); /* 1 is queued */
+    uint64_t ids0[1] = {1};
+    static struct result r0;
+    memset(&r0, 0, sizeof(r0));
+    collect(c, ids0, &r0, 1, 5000);
+    cr_assert_eq(r0.end, CKV__ENVELOPE__BODY_ERROR);
+    cr_assert_eq(r0.error_code, CKV__ERROR_CODE__ERROR_CODE_TIMEOUT, "%s", r0.message);
+    cr_assert(strstr(r0.message, "no worker registered"), "%s", r0.message);
+    send_generate(c, 1, "first", 4, NULL); /* queued again, same id: allowed once it ended */
     /* a worker arrives: the queued request runs */
     void *w = fake_worker("fw", 1);
     Ckv__Envelope *g = fake_expect(w, CKV__ENVELOPE__BODY_GENERATE, 5000);
