@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <zmq.h>
 
@@ -928,4 +929,88 @@ Test(served, session_affinity_and_client_disconnect)
     long_id[sizeof(long_id) - 1] = 0;
     send_generate(c2, 9, "p", 1, long_id);
     ckv_wire_free(expect_error(c2, CKV__ERROR_CODE__ERROR_CODE_BAD_REQUEST));
+}
+
+/* Runs `ckv args...` (no wait); its output goes to <dir>/<log>. */
+static pid_t spawn_ckv(const char *log, char **args)
+{
+    char bin[512];
+    ckv_test_bin_path("ckv", bin, sizeof(bin));
+    char *argv[16] = {bin};
+    int n = 1;
+    for (int i = 0; args[i]; i++)
+        argv[n++] = args[i];
+    argv[n] = NULL;
+    return spawn(argv, log);
+}
+
+/* A child that was waited for is no longer the teardown's to kill. */
+static void forget(pid_t pid)
+{
+    for (int i = 0; i < n_pids; i++)
+        if (pids[i] == pid)
+            pids[i] = 0;
+}
+
+static char *read_log(const char *log)
+{
+    char path[400];
+    snprintf(path, sizeof(path), "%s/%s", dir, log);
+    size_t len;
+    char *t = ckv_test_read_file(path, &len);
+    cr_assert_not_null(t, "no %s", path);
+    return t;
+}
+
+Test(served, cli_generate_and_top)
+{
+    const char *extra[] = {"--stats-interval-ms", "100", NULL};
+    start_router(extra);
+    void *w = fake_worker("cli-w", 1);
+    pid_t gen = spawn_ckv("gen.out", (char *[]){"generate", "--router", client_ep, "-p", "hi", "-n",
+                                                "2", "--json", NULL});
+    Ckv__Envelope *g = fake_expect(w, CKV__ENVELOPE__BODY_GENERATE, 5000);
+    cr_assert_str_eq(g->generate->prompt, "hi");
+    cr_assert_eq(g->generate->max_tokens, 2);
+    fake_token(w, g->request_id, 7, 0, "Hel");
+    fake_token(w, g->request_id, 8, 1, "lo\n");
+    fake_done(w, g->request_id, 2);
+    ckv_wire_free(g);
+    int status;
+    cr_assert_eq(ckv_test_wait(gen, 10000, &status), 0, "ckv generate did not finish");
+    forget(gen);
+    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "ckv generate status %d", status);
+    char *out = read_log("gen.out");
+    cr_assert(strstr(out, "\"text\": \"Hello\\n\""), "%s", out);
+    cr_assert(strstr(out, "\"generated_tokens\": 2"), "%s", out);
+    cr_assert(strstr(out, "\"worker\": \"cli-w\""), "%s", out);
+    free(out);
+    /* an error ends it with status 1 and the message */
+    gen = spawn_ckv("gen2.out", (char *[]){"generate", "--router", client_ep, "-p", "x", NULL});
+    g = fake_expect(w, CKV__ENVELOPE__BODY_GENERATE, 5000);
+    Ckv__Envelope env = CKV__ENVELOPE__INIT;
+    Ckv__Error e = CKV__ERROR__INIT;
+    e.code = CKV__ERROR_CODE__ERROR_CODE_BAD_REQUEST;
+    e.message = "no such thing";
+    env.body_case = CKV__ENVELOPE__BODY_ERROR;
+    env.error = &e;
+    send_body(w, g->request_id, &env);
+    ckv_wire_free(g);
+    cr_assert_eq(ckv_test_wait(gen, 10000, &status), 0);
+    forget(gen);
+    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1, "ckv generate status %d", status);
+    out = read_log("gen2.out");
+    cr_assert(strstr(out, "no such thing"), "%s", out);
+    free(out);
+    /* ckv top --once: one snapshot with the worker's row */
+    fake_heartbeat(w);
+    pid_t top = spawn_ckv("top.out", (char *[]){"top", "--stats", stats_ep, "--once", NULL});
+    for (int i = 0; i < 100 && ckv_test_wait(top, 50, &status) != 0; i++)
+        fake_heartbeat(w);
+    forget(top);
+    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "ckv top status %d", status);
+    out = read_log("top.out");
+    cr_assert(strstr(out, "cli-w"), "%s", out);
+    cr_assert(strstr(out, "requests 2  done 1  failed 1"), "%s", out);
+    free(out);
 }
