@@ -1005,8 +1005,12 @@ Test(served, cli_generate_and_top)
     /* ckv top --once: one snapshot with the worker's row */
     fake_heartbeat(w);
     pid_t top = spawn_ckv("top.out", (char *[]){"top", "--stats", stats_ep, "--once", NULL});
-    for (int i = 0; i < 100 && ckv_test_wait(top, 50, &status) != 0; i++)
+    int rc_wait = -1;
+    for (int i = 0; i < 100 && rc_wait != 0; i++) {
         fake_heartbeat(w);
+        rc_wait = ckv_test_wait(top, 50, &status);
+    }
+    cr_assert_eq(rc_wait, 0, "ckv top --once did not exit");
     forget(top);
     cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "ckv top status %d", status);
     out = read_log("top.out");
