@@ -116,7 +116,7 @@ struct ckv_kvcache {
     uint32_t stamp;
 
     /* per-step scratch, grown and never shrunk (no allocation on the steady decode path) */
-    int max_sel, cap_sel;                  /* selection capacity per unit */
+    int max_sel;                           /* selection capacity per unit */
     int32_t *sel_dev, *cnt_dev, *take_dev; /* device selection outputs */
     int32_t *sel, *cnt, *take;             /* host copies */
     struct ckv_block_ref *refs, *refs_dev;

@@ -736,3 +736,54 @@ Test(kvcache, clusterkv_clusters_partition_positions)
     cr_assert_eq(ckv_kvcache_clusters(f.kv, 2, 0, &c), -EINVAL, "not clusterkv");
     fx_close(&f);
 }
+
+Test(kvcache, clusterkv_store_full_is_an_error)
+{
+    /* a store with room for a few blocks: end_prefill reports its -ENOSPC */
+    struct ckv_ctx_opts co = {.backend = CKV_BACKEND_CPU, .n_threads = 1};
+    ckv_ctx_t *ctx = NULL;
+    cr_assert_eq(ckv_ctx_new(&co, &ctx), 0);
+    struct ckv_kv_opts o = opts_of(CKV_KV_CLUSTERKV, 64);
+    struct ckv_block_store *store = NULL;
+    size_t bb = ckv_block_bytes(geom_ckv.head_dim, o.dtype);
+    cr_assert_eq(ckv_block_store_mem_new(bb, 4 * bb, &store), 0);
+    ckv_kvcache_t *kv = NULL;
+    char err[128];
+    cr_assert_eq(ckv_kvcache_new(ctx, &geom_ckv, &o, store, 9, &kv, err, sizeof(err)), 0);
+    int row = geom_ckv.n_kv_heads * geom_ckv.head_dim;
+    float *k = calloc((size_t)200 * row, sizeof(float)), *v = calloc((size_t)200 * row, 4);
+    for (int i = 0; i < 200 * row; i++)
+        k[i] = (float)((i * 37) % 101) / 50.0f - 1.0f;
+    for (int l = 0; l < geom_ckv.n_layers; l++)
+        cr_assert_eq(ckv_kvcache_append(kv, l, k, v, 200), 0);
+    cr_assert_eq(ckv_kvcache_end_prefill(kv), -ENOSPC);
+    ckv_kvcache_free(&kv);
+    /* and a block size that is not the KV's is refused up front */
+    struct ckv_block_store *other = NULL;
+    cr_assert_eq(ckv_block_store_mem_new(bb * 2, 0, &other), 0);
+    cr_assert_eq(ckv_kvcache_new(ctx, &geom_ckv, &o, other, 9, &kv, err, sizeof(err)), -EINVAL);
+    cr_assert(strstr(err, "block"), "%s", err);
+    ckv_block_store_destroy(&other);
+    ckv_block_store_destroy(&store);
+    free(k);
+    free(v);
+    ckv_ctx_destroy(&ctx);
+}
+
+Test(kvcache, end_prefill_twice_and_free_drops_clusters)
+{
+    struct ckv_kv_opts o = opts_of(CKV_KV_CLUSTERKV, 64);
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    fx_prefill(&f, 120, 120);
+    struct ckv_block_store_mem_stats a, b;
+    cr_assert_eq(ckv_block_store_mem_stats(f.store, &a), 0);
+    cr_assert_gt(a.clusters, 0);
+    cr_assert_eq(ckv_kvcache_end_prefill(f.kv), 0);
+    cr_assert_eq(ckv_block_store_mem_stats(f.store, &b), 0);
+    cr_assert_eq(b.clusters, a.clusters, "a second end_prefill clusters nothing");
+    ckv_kvcache_free(&f.kv);
+    cr_assert_eq(ckv_block_store_mem_stats(f.store, &b), 0);
+    cr_assert_eq(b.clusters, 0, "freeing the sequence drops its clusters");
+    fx_close(&f);
+}
