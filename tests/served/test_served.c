@@ -1018,3 +1018,30 @@ Test(served, cli_generate_and_top)
     cr_assert(strstr(out, "requests 2  done 1  failed 1"), "%s", out);
     free(out);
 }
+
+Test(served, router_restart_workers_register_again)
+{
+    const char *model = need_model();
+    start_router(NULL);
+    start_worker(model, "phoenix", NULL);
+    void *c = connect_sock(ZMQ_DEALER, client_ep);
+    wait_workers(c, 1);
+    /* kill -9 the router, start another on the same endpoints */
+    pid_t old = pids[0];
+    kill(old, SIGKILL);
+    cr_assert_eq(ckv_test_wait(old, 5000, NULL), 0);
+    forget(old);
+    char sock[400];
+    snprintf(sock, sizeof(sock), "%s/router.sock", dir);
+    unlink(sock);
+    start_router(NULL);
+    /* the worker's next heartbeat is answered NOT_FOUND: it registers again */
+    wait_workers(c, 1);
+    send_generate(c, 1, prompts[0], 2, NULL);
+    uint64_t ids[1] = {1};
+    static struct result r;
+    memset(&r, 0, sizeof(r));
+    collect(c, ids, &r, 1, 60000);
+    cr_assert_eq(r.end, CKV__ENVELOPE__BODY_DONE, "%s", r.message);
+    cr_assert_str_eq(r.worker, "phoenix");
+}
