@@ -1036,6 +1036,12 @@ static void render_prometheus(router_t *r, struct ckv_buf *b)
     for (struct worker *w = r->ws; w; w = w->next)
         ckv_buf_printf(b, "ckv:kv_cache_misses_total{worker=\"%s\"} %llu\n", w->name,
                        (unsigned long long)w->hb.kv_cache_misses);
+    ckv_buf_printf(b, "# HELP ckv:kv_store_usage_perc Blocks in use / pool of the worker's "
+                      "ckv-kvstore.\n# TYPE ckv:kv_store_usage_perc gauge\n");
+    for (struct worker *w = r->ws; w; w = w->next)
+        if (w->hb.store_blocks_total)
+            ckv_buf_printf(b, "ckv:kv_store_usage_perc{worker=\"%s\"} %.4f\n", w->name,
+                           (double)w->hb.store_blocks_used / (double)w->hb.store_blocks_total);
     /* the router's own */
     struct ckv_stats_writer sw;
     ckv_stats_begin(&sw, b, true, "ckv_router");
@@ -1100,11 +1106,13 @@ static void render_stats(router_t *r, bool prometheus, struct ckv_buf *b)
             b,
             "worker_%s:model=%s,capacity=%u,running=%u,outstanding_tokens=%llu,"
             "tokens=%llu,requests_done=%llu,decode_tok_s=%.1f,kv_cache_hits=%llu,"
-            "kv_cache_misses=%llu,heartbeat_age_s=%.2f\n",
+            "kv_cache_misses=%llu,store_blocks_used=%llu,store_blocks_total=%llu,"
+            "heartbeat_age_s=%.2f\n",
             w->name, w->model, w->capacity, w->running, (unsigned long long)outstanding(r, w),
             (unsigned long long)w->hb.tokens_generated, (unsigned long long)w->hb.requests_done,
             w->hb.decode_tok_s, (unsigned long long)w->hb.kv_cache_hits,
-            (unsigned long long)w->hb.kv_cache_misses,
+            (unsigned long long)w->hb.kv_cache_misses, (unsigned long long)w->hb.store_blocks_used,
+            (unsigned long long)w->hb.store_blocks_total,
             (double)(ckv_now_ms() - w->last_seen_ms) / 1e3);
 }
 
@@ -1140,6 +1148,9 @@ static void publish(router_t *r)
         wi.kv_cache_hits = w->hb.kv_cache_hits;
         wi.kv_cache_misses = w->hb.kv_cache_misses;
         wi.heartbeat_age_s = (double)(now - w->last_seen_ms) / 1e3;
+        wi.store_blocks_used = w->hb.store_blocks_used;
+        wi.store_blocks_total = w->hb.store_blocks_total;
+        wi.store_clusters_spilled = w->hb.store_clusters_spilled;
         infos[i] = wi;
         ptrs[i] = &infos[i];
     }

@@ -57,8 +57,8 @@ static void print_snapshot(const Ckv__StatsSnapshot *s, bool clear)
            (unsigned long long)s->prompt_tokens, (unsigned long long)s->generation_tokens);
     printf("time to first token p50 %.1f ms   inter-token latency p50 %.1f ms\n\n", s->ttft_p50_ms,
            s->itl_p50_ms);
-    printf("%-20s %-24s %4s %4s %8s %10s %8s %9s %9s %8s\n", "WORKER", "MODEL", "CAP", "RUN",
-           "OUTST", "TOKENS", "DONE", "TOK/S", "KV-HIT%", "HB-AGE");
+    printf("%-20s %-24s %4s %4s %8s %10s %8s %9s %9s %7s %8s\n", "WORKER", "MODEL", "CAP", "RUN",
+           "OUTST", "TOKENS", "DONE", "TOK/S", "KV-HIT%", "STORE%", "HB-AGE");
     for (size_t i = 0; i < s->n_workers; i++) {
         const Ckv__WorkerInfo *w = s->workers[i];
         uint64_t q = w->kv_cache_hits + w->kv_cache_misses;
@@ -67,10 +67,16 @@ static void print_snapshot(const Ckv__StatsSnapshot *s, bool clear)
             snprintf(hit, sizeof(hit), "%.1f", 100.0 * (double)w->kv_cache_hits / (double)q);
         else
             snprintf(hit, sizeof(hit), "-");
-        printf("%-20.20s %-24.24s %4u %4u %8llu %10llu %8llu %9.1f %9s %7.1fs\n", w->name, w->model,
-               w->capacity, w->running, (unsigned long long)w->outstanding_tokens,
+        char store[16];
+        if (w->store_blocks_total)
+            snprintf(store, sizeof(store), "%.1f",
+                     100.0 * (double)w->store_blocks_used / (double)w->store_blocks_total);
+        else
+            snprintf(store, sizeof(store), "-");
+        printf("%-20.20s %-24.24s %4u %4u %8llu %10llu %8llu %9.1f %9s %7s %7.1fs\n", w->name,
+               w->model, w->capacity, w->running, (unsigned long long)w->outstanding_tokens,
                (unsigned long long)w->tokens_generated, (unsigned long long)w->requests_done,
-               w->decode_tok_s, hit, w->heartbeat_age_s);
+               w->decode_tok_s, hit, store, w->heartbeat_age_s);
     }
     if (s->n_workers == 0)
         printf("(no worker registered)\n");

@@ -165,7 +165,10 @@ struct worker {
         struct ckv_engine_stats es;
         bool have_ks;
         struct ckv_block_store_kvs_stats ks;
+        uint64_t store_blocks_used, store_blocks_total, store_clusters_spilled;
     } snap;
+    uint64_t store_polled_ms; /* compute thread: last read of the store's own stats */
+    uint64_t store_blocks_used, store_blocks_total, store_clusters_spilled;
     atomic_bool compute_done;
     /* counters */
     uint64_t tokens_generated, prompt_tokens, requests_done, requests_failed, bad_requests;
@@ -269,6 +272,16 @@ static uint64_t outstanding(struct worker *w)
     return n;
 }
 
+/* The value of "name:value" at a line start of key:value stats text; 0 when absent. */
+static uint64_t stat_u64(const char *text, const char *name)
+{
+    size_t n = strlen(name);
+    for (const char *p = text; p && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL)
+        if (strncmp(p, name, n) == 0 && p[n] == ':')
+            return strtoull(p + n + 1, NULL, 10);
+    return 0;
+}
+
 /* Compute thread: what the I/O thread reports, after every step. */
 static void publish(struct worker *w)
 {
@@ -286,6 +299,21 @@ static void publish(struct worker *w)
     s.tok_s = w->tok_s;
     ckv_engine_stats(w->e, &s.es);
     s.have_ks = w->store && ckv_block_store_kvs_stats(w->store, &s.ks) == 0;
+    /* the store's occupancy, once a second (one round trip to it) */
+    uint64_t now = ckv_now_ms();
+    if (s.have_ks && now - w->store_polled_ms >= 1000) {
+        struct ckv_buf b = {0};
+        if (ckv_block_store_kvs_store_stats(w->store, false, &b) == 0 && b.data) {
+            w->store_blocks_used = stat_u64(b.data, "blocks_used");
+            w->store_blocks_total = stat_u64(b.data, "blocks_total");
+            w->store_clusters_spilled = stat_u64(b.data, "clusters_spilled");
+        }
+        ckv_buf_free(&b);
+        w->store_polled_ms = now;
+    }
+    s.store_blocks_used = w->store_blocks_used;
+    s.store_blocks_total = w->store_blocks_total;
+    s.store_clusters_spilled = w->store_clusters_spilled;
     pthread_mutex_lock(&w->mu);
     w->snap = s;
     pthread_mutex_unlock(&w->mu);
@@ -307,6 +335,9 @@ static void send_heartbeat(struct worker *w)
     h.kv_cache_misses = s.es.kv.cache_misses;
     h.prompt_tokens = s.prompt_tokens;
     h.kv_usage = (double)s.n_active / w->cfg.max_seqs;
+    h.store_blocks_used = s.store_blocks_used;
+    h.store_blocks_total = s.store_blocks_total;
+    h.store_clusters_spilled = s.store_clusters_spilled;
     env.body_case = CKV__ENVELOPE__BODY_WORKER_HEARTBEAT;
     env.worker_heartbeat = &h;
     send_router(w, &env);
@@ -824,6 +855,10 @@ static void render_stats(struct worker *w, bool prometheus, struct ckv_buf *b)
         ckv_stats_counter(&sw, "store_gets", "get calls", s.ks.gets);
         ckv_stats_counter(&sw, "store_clusters_got", "clusters read", s.ks.clusters_got);
         ckv_stats_counter(&sw, "store_errors", "failed store calls", s.ks.errors);
+        ckv_stats_gauge(&sw, "store_blocks_used", "blocks in use in the store (all workers)",
+                        (double)s.store_blocks_used);
+        ckv_stats_gauge(&sw, "store_blocks_total", "blocks of the store's pool",
+                        (double)s.store_blocks_total);
     }
 }
 

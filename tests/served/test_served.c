@@ -865,6 +865,7 @@ Test(served, clusterkv_through_kvstore_matches_engine)
     cr_assert_gt(daemon_stat(wstats, "store_clusters_put"), 0);
     cr_assert_gt(daemon_stat(wstats, "store_clusters_got"), 0);
     cr_assert_eq(daemon_stat(wstats, "store_errors"), 0);
+    cr_assert_eq(daemon_stat(wstats, "store_blocks_total"), 4096); /* 16 MiB of 4 KiB blocks */
     cr_assert_gt(daemon_stat(kvs_ep, "commit_clusters"), 0);
     /* the sequence ended: its clusters are dropped from the store (right after the Done) */
     double left = -1;
