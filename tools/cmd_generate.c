@@ -254,7 +254,8 @@ int ckv_cmd_generate(int argc, char **argv)
                 fwrite(j.data, 1, j.len, stdout);
                 ckv_buf_free(&j);
             } else {
-                fwrite(d->text.data, 1, d->text.len, stdout);
+                if (d->text.len) /* data is NULL when empty */
+                    fwrite(d->text.data, 1, d->text.len, stdout);
                 fputc('\n', stdout);
                 fprintf(stderr,
                         "\n%u prompt + %u generated tokens (%s) on %s\n"

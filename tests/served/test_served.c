@@ -192,14 +192,16 @@ static void collect(void *s, const uint64_t *ids, struct result *res, int n, int
             if (!r->n)
                 r->t_first_us = ckv_now_us();
             r->ids[r->n++] = e->token_event->token_id;
-            memcpy(r->text + r->text_len, e->token_event->text.data, e->token_event->text.len);
+            if (e->token_event->text.len) /* data is NULL when empty */
+                memcpy(r->text + r->text_len, e->token_event->text.data, e->token_event->text.len);
             r->text_len += e->token_event->text.len;
         } else if (e->body_case == CKV__ENVELOPE__BODY_DONE) {
             r->end = e->body_case;
             r->prompt_tokens = e->done->prompt_tokens;
             r->generated = e->done->generated_tokens;
             snprintf(r->worker, sizeof(r->worker), "%s", e->done->worker);
-            memcpy(r->text + r->text_len, e->done->text.data, e->done->text.len);
+            if (e->done->text.len)
+                memcpy(r->text + r->text_len, e->done->text.data, e->done->text.len);
             r->text_len += e->done->text.len;
             r->t_done_us = ckv_now_us();
             open--;
