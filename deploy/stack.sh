@@ -152,7 +152,7 @@ do_status() {
         fi
     done
     if [ -n "$(pid_of router)" ]; then
-        router_stats | grep -E '^(waiting|running|requests|done|failed|rejected|workers|worker_[^:]*):' || true
+        router_stats | grep -E '^(waiting|running|requests|done|failed|rejected|workers):|^worker_[^:]*:model=' || true
     fi
     return $rc
 }
