@@ -1318,6 +1318,16 @@ static int clusterkv_decode(ckv_kvcache_t *kv, int l, const float *q, float *out
     int rc, n_refs = 0, nu = kv->n_units, ms;
     if (L->dirty && (rc = layer_rebuild(kv, L)))
         return rc;
+    if (L->all_small) {
+        /* every head's clusters fit the budget: all of them would be selected, i.e. full
+         * attention; the contiguous cache gives it bit for bit (the blocks would sum in
+         * cluster order: the same to rounding, but the engine's quantised activations can
+         * turn such 1e-6 differences into other greedy tokens at near-ties) */
+        uint64_t t0 = ckv_now_ns();
+        rc = attn_full(kv, L, q, out);
+        kv->st.attn_ms += ms_since(t0);
+        return rc;
+    }
     ms = kv->max_sel;
     uint64_t t0 = ckv_now_ns();
     if ((rc = clusterkv_select(kv, L, q)))
@@ -1521,6 +1531,7 @@ int ckv_kvcache_clusters(const ckv_kvcache_t *kv, int layer, int kv_head,
         .sizes = H->size,
         .offsets = H->mem0 ? H->mem0 : &zero,
         .members = H->members,
+        .centroids = H->cent,
         .n_sinks = L->n_sink,
         .window_start = L->wstart,
         .n_window = L->n_win,
