@@ -1188,43 +1188,32 @@ static int miss_reserve(ckv_kvcache_t *kv, int n)
     return 0;
 }
 
-/* Which clusters of layer L each unit attends: the selection kernel's, or every cluster
- * when no head has more than `budget` clustered tokens (full attention, no scoring). */
+/* Which clusters of layer L each unit attends: ckv_select_clusters() (the layer has a head
+ * with more than `budget` clustered tokens; layers without one attend in full). */
 static int clusterkv_select(ckv_kvcache_t *kv, struct kv_layer *L, const float *q)
 {
     int nu = kv->n_units, ms = kv->max_sel, rc;
-    if (L->n_clu_total > 0 && !L->all_small) {
-        struct ckv_select_args a = {
-            .n_q_heads = kv->g.n_q_heads,
-            .n_kv_heads = kv->g.n_kv_heads,
-            .head_dim = kv->g.head_dim,
-            .mode = kv->o.select_mode,
-            .q = q,
-            .centroids = L->cent_all,
-            .sizes = L->size_all,
-            .head_offsets = L->head_off_dev,
-            .n_clusters_total = L->n_clu_total,
-            .budget = kv->o.budget,
-            .max_selected = ms,
-            .sel_clusters = kv->sel_dev,
-            .sel_count = kv->cnt_dev,
-            .sel_last_take = kv->take_dev,
-        };
-        if ((rc = ckv_select_clusters(kv->ctx, &a)) ||
-            (rc = ckv_copy_d2h(kv->ctx, kv->sel, kv->sel_dev, sizeof(int32_t) * (size_t)nu * ms)) ||
-            (rc = ckv_copy_d2h(kv->ctx, kv->cnt, kv->cnt_dev, sizeof(int32_t) * (size_t)nu)) ||
-            (rc = ckv_copy_d2h(kv->ctx, kv->take, kv->take_dev, sizeof(int32_t) * (size_t)nu)))
-            return rc;
-        return 0;
-    }
-    for (int u = 0; u < nu; u++) {
-        int h = unit_head(kv, u);
-        struct ckv_head *H = &L->heads[h];
-        kv->cnt[u] = H->n_clu;
-        for (int i = 0; i < H->n_clu; i++)
-            kv->sel[(size_t)u * ms + i] = L->head_off[h] + i;
-        kv->take[u] = H->n_clu ? H->size[H->n_clu - 1] : 0;
-    }
+    struct ckv_select_args a = {
+        .n_q_heads = kv->g.n_q_heads,
+        .n_kv_heads = kv->g.n_kv_heads,
+        .head_dim = kv->g.head_dim,
+        .mode = kv->o.select_mode,
+        .q = q,
+        .centroids = L->cent_all,
+        .sizes = L->size_all,
+        .head_offsets = L->head_off_dev,
+        .n_clusters_total = L->n_clu_total,
+        .budget = kv->o.budget,
+        .max_selected = ms,
+        .sel_clusters = kv->sel_dev,
+        .sel_count = kv->cnt_dev,
+        .sel_last_take = kv->take_dev,
+    };
+    if ((rc = ckv_select_clusters(kv->ctx, &a)) ||
+        (rc = ckv_copy_d2h(kv->ctx, kv->sel, kv->sel_dev, sizeof(int32_t) * (size_t)nu * ms)) ||
+        (rc = ckv_copy_d2h(kv->ctx, kv->cnt, kv->cnt_dev, sizeof(int32_t) * (size_t)nu)) ||
+        (rc = ckv_copy_d2h(kv->ctx, kv->take, kv->take_dev, sizeof(int32_t) * (size_t)nu)))
+        return rc;
     return 0;
 }
 
