@@ -82,14 +82,15 @@ static pid_t spawn(char **argv, const char *log)
     return pid;
 }
 
-/* The router with a 1 s worker timeout; extra options appended. */
+/* The router with a 3 s worker timeout (tests of dead workers pass a shorter one; the last
+ * value of an option wins); extra options appended. */
 static void start_router(const char *const *extra)
 {
     char bin[512], port[16];
     ckv_test_bin_path("ckv-router", bin, sizeof(bin));
     snprintf(port, sizeof(port), "%d", metrics_port);
     char *argv[32] = {bin,   "--run-dir",           dir,    "--heartbeat-ms",
-                      "200", "--worker-timeout-ms", "1000", "--metrics-port",
+                      "200", "--worker-timeout-ms", "3000", "--metrics-port",
                       port,  "--log-level",         "debug"};
     int n = 11;
     for (int i = 0; extra && extra[i]; i++)
@@ -424,7 +425,8 @@ Test(served, overloaded_queue_answers_at_once)
 
 Test(served, dead_worker_redispatch_and_midstream_error)
 {
-    start_router(NULL);
+    const char *fast[] = {"--worker-timeout-ms", "1000", NULL};
+    start_router(fast);
     void *c = connect_sock(ZMQ_DEALER, client_ep);
     void *w1 = fake_worker("w1", 2);
     send_generate(c, 1, "a", 4, NULL);
@@ -607,23 +609,28 @@ static pid_t start_worker(const char *model, const char *name, const char *const
     return spawn(argv, log);
 }
 
-/* Waits until the router lists n workers (stats reply). */
+/* Waits until the router lists n workers (stats reply), on a socket of its own so that a
+ * late reply never reaches the caller's. c is unused (kept for the call sites). */
 static void wait_workers(void *c, int n)
 {
+    (void)c;
     char want[32];
     snprintf(want, sizeof(want), "\nworkers:%d\n", n);
+    void *s = connect_sock(ZMQ_DEALER, client_ep);
     for (int i = 0; i < 300; i++) {
         Ckv__Envelope sr = CKV__ENVELOPE__INIT;
         Ckv__StatsRequest sq = CKV__STATS_REQUEST__INIT;
         sr.body_case = CKV__ENVELOPE__BODY_STATS_REQUEST;
         sr.stats_request = &sq;
-        send_body(c, 1000 + (uint64_t)i, &sr);
-        Ckv__Envelope *e = recv_env(c, 2000);
+        send_body(s, 1000 + (uint64_t)i, &sr);
+        Ckv__Envelope *e = recv_env(s, 2000);
         bool ok = e && e->body_case == CKV__ENVELOPE__BODY_STATS_REPLY &&
                   strstr(e->stats_reply->text, want);
         ckv_wire_free(e);
-        if (ok)
+        if (ok) {
+            close_sock(s);
             return;
+        }
         usleep(100000);
     }
     cr_assert_fail("the router never listed %d workers", n);
@@ -760,7 +767,8 @@ Test(served, greedy_matches_engine_and_concurrent)
 Test(served, worker_killed_midstream)
 {
     const char *model = need_model();
-    start_router(NULL);
+    const char *fast[] = {"--worker-timeout-ms", "1000", NULL};
+    start_router(fast);
     pid_t wpid = start_worker(model, "victim", NULL);
     void *c = connect_sock(ZMQ_DEALER, client_ep);
     wait_workers(c, 1);
@@ -768,7 +776,9 @@ Test(served, worker_killed_midstream)
     /* the first token, then kill -9 */
     Ckv__Envelope *e = recv_env(c, 60000);
     cr_assert_not_null(e, "no first token");
-    cr_assert_eq(e->body_case, CKV__ENVELOPE__BODY_TOKEN_EVENT, "got type %d", (int)e->body_case);
+    cr_assert_eq(e->body_case, CKV__ENVELOPE__BODY_TOKEN_EVENT, "got type %d (%s)",
+                 (int)e->body_case,
+                 e->body_case == CKV__ENVELOPE__BODY_ERROR ? e->error->message : "");
     ckv_wire_free(e);
     kill(wpid, SIGKILL);
     uint64_t t0 = ckv_now_ms();
@@ -971,6 +981,17 @@ static char *read_log(const char *log)
     return t;
 }
 
+/* Waits up to 10 s for a child while the fake worker w keeps heart-beating. */
+static int wait_beating(pid_t pid, void *w, int *status)
+{
+    for (int i = 0; i < 200; i++) {
+        fake_heartbeat(w);
+        if (ckv_test_wait(pid, 50, status) == 0)
+            return 0;
+    }
+    return -ETIMEDOUT;
+}
+
 Test(served, cli_generate_and_top)
 {
     const char *extra[] = {"--stats-interval-ms", "100", NULL};
@@ -986,7 +1007,7 @@ Test(served, cli_generate_and_top)
     fake_done(w, g->request_id, 2);
     ckv_wire_free(g);
     int status;
-    cr_assert_eq(ckv_test_wait(gen, 10000, &status), 0, "ckv generate did not finish");
+    cr_assert_eq(wait_beating(gen, w, &status), 0, "ckv generate did not finish");
     forget(gen);
     cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "ckv generate status %d", status);
     char *out = read_log("gen.out");
@@ -1005,7 +1026,7 @@ Test(served, cli_generate_and_top)
     env.error = &e;
     send_body(w, g->request_id, &env);
     ckv_wire_free(g);
-    cr_assert_eq(ckv_test_wait(gen, 10000, &status), 0);
+    cr_assert_eq(wait_beating(gen, w, &status), 0);
     forget(gen);
     cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1, "ckv generate status %d", status);
     out = read_log("gen2.out");
