@@ -140,8 +140,8 @@ struct cell {
     double step_ms[MAX_STEPS];    /* timed decode steps */
     int n_steps;
     double attn_ms, matmul_ms;    /* ours: engine stats over the timed steps */
-    uint64_t attended_tokens, attn_calls, clusters_made;
-    double kmeans_ms;
+    uint64_t attended_tokens, attn_calls, clusters_made, cache_hits, cache_misses;
+    double kmeans_ms, select_ms, fetch_ms, kv_attn_ms; /* the KV manager's share of attn_ms */
 };
 
 struct engine_gen { /* sequence 0's greedy tokens at batch 1: prefill's, then every step's */
@@ -414,6 +414,11 @@ static int ours_decode(ckv_engine_t *e, const int *seqs, int32_t *next, int B, f
             c->attn_calls += st.kv.decode_attn_calls;
             c->clusters_made += st.kv.clusters_made;
             c->kmeans_ms += st.kv.kmeans_ms;
+            c->select_ms += st.kv.select_ms;
+            c->fetch_ms += st.kv.fetch_ms;
+            c->kv_attn_ms += st.kv.attn_ms;
+            c->cache_hits += st.kv.cache_hits;
+            c->cache_misses += st.kv.cache_misses;
             c->decoded = true;
         }
         for (int s = 0; s < B; s++)
@@ -693,10 +698,16 @@ static int write_json(const struct run *r, const char *path)
                     fprintf(f,
                             ", \"attn_ms_per_step\": %.3f, \"matmul_ms_per_step\": %.3f, "
                             "\"attn_share\": %.4f, \"attended_tokens_per_call\": %.1f, "
-                            "\"clusters_made\": %llu, \"kmeans_ms\": %.3f",
+                            "\"kv_select_ms_per_step\": %.3f, \"kv_fetch_ms_per_step\": %.3f, "
+                            "\"kv_attn_ms_per_step\": %.3f, \"cache_hits\": %llu, "
+                            "\"cache_misses\": %llu, \"clusters_made\": %llu, "
+                            "\"kmeans_ms\": %.3f",
                             c->attn_ms / c->n_steps, c->matmul_ms / c->n_steps,
                             eng_ms > 0 ? c->attn_ms / eng_ms : 0,
                             c->attn_calls ? (double)c->attended_tokens / c->attn_calls : 0,
+                            c->select_ms / c->n_steps, c->fetch_ms / c->n_steps,
+                            c->kv_attn_ms / c->n_steps, (unsigned long long)c->cache_hits,
+                            (unsigned long long)c->cache_misses,
                             (unsigned long long)c->clusters_made, c->kmeans_ms);
                 fprintf(f, "}");
                 first = false;
