@@ -88,9 +88,12 @@ struct bench_cfg {
     int llamacpp_max_ctx;
     int llamacpp_batch_max_ctx;
     bool flash_attn;
+    int omp_wait;
     char python[256];
     char script[1024];
 };
+
+static const char *const omp_wait_names[] = {"default", "passive", "active", NULL};
 
 static const struct ckv_config_opt bench_options[] = {
     CKV_OPT_BOOL(struct bench_cfg, quick, "quick", "no",
@@ -127,6 +130,8 @@ static const struct ckv_config_opt bench_options[] = {
                 1 << 22, "llama.cpp batches > 1 only at contexts up to this"),
     CKV_OPT_BOOL(struct bench_cfg, flash_attn, "llamacpp-flash-attn", "no",
                  "turn llama.cpp's flash attention on (its default is off)"),
+    CKV_OPT_ENUM(struct bench_cfg, omp_wait, "llamacpp-omp-wait", "default", omp_wait_names,
+                 "OMP_WAIT_POLICY of llama.cpp's OpenMP threads (default: as inherited)"),
     CKV_OPT_STRING(struct bench_cfg, python, "python", "python3", "Python with llama_cpp"),
     CKV_OPT_STRING(struct bench_cfg, script, "llamacpp-script", CKV_BENCH_ENGINE_PY,
                    "llama.cpp's side"),
@@ -299,7 +304,31 @@ static int llama_start(struct llama_proc *p, const struct bench_cfg *cfg, const 
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_adddup2(&fa, to[0], 0); /* dup2 clears O_CLOEXEC on 0 and 1 */
     posix_spawn_file_actions_adddup2(&fa, from[1], 1);
-    int rc = -posix_spawnp(&p->pid, cfg->python, &fa, NULL, argv, environ);
+    /* llama.cpp's ggml synchronises its threads with OpenMP barriers: spinning ones (the
+     * libgomp default spins ~300k iterations before it sleeps) are fastest on idle cores and
+     * collapse when the cores are shared with other processes, passive ones the other way
+     * round; --llamacpp-omp-wait picks, for the child only */
+    char **env = environ;
+    char **env_own = NULL;
+    if (cfg->omp_wait > 0) {
+        size_t n = 0;
+        while (environ[n])
+            n++;
+        env_own = calloc(n + 2, sizeof(char *));
+        if (!env_own) {
+            posix_spawn_file_actions_destroy(&fa);
+            close(to[0]), close(to[1]), close(from[0]), close(from[1]);
+            return -ENOMEM;
+        }
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++)
+            if (strncmp(environ[i], "OMP_WAIT_POLICY=", 16) != 0)
+                env_own[k++] = environ[i];
+        env_own[k] = cfg->omp_wait == 1 ? "OMP_WAIT_POLICY=PASSIVE" : "OMP_WAIT_POLICY=ACTIVE";
+        env = env_own;
+    }
+    int rc = -posix_spawnp(&p->pid, cfg->python, &fa, NULL, argv, env);
+    free(env_own);
     posix_spawn_file_actions_destroy(&fa);
     close(to[0]);
     close(from[1]);
