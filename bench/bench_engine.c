@@ -25,7 +25,7 @@
  * llama.cpp runs in a python3 child (bench/bench_engine_llamacpp.py --serve, driven line by
  * line over pipes): same thread count, its defaults otherwise (f16 KV, no flash attention, one
  * KV stream per sequence). Its batch-B prefill costs B full prefills, so by default it runs
- * batch > 1 only up to --llamacpp-batch-max-ctx (2048) and batch 1 at every context.
+ * batch > 1 only up to --llamacpp-batch-max-ctx (512) and batch 1 at every context.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -62,7 +62,7 @@
 #define MAX_GEN   (2 * MAX_STEPS + 8)
 
 /* --quick: what fits in under a minute on the 2-core VM (see docs/BENCHMARKS.md). */
-#define QUICK_CONTEXTS  "512,8192"
+#define QUICK_CONTEXTS  "512,2048"
 #define QUICK_BATCHES   "1"
 #define QUICK_DECODE    8
 #define QUICK_ROUNDS    2
@@ -126,7 +126,7 @@ static const struct ckv_config_opt bench_options[] = {
                  "measure llama.cpp (llama-cpp-python) in the same run"),
     CKV_OPT_INT(struct bench_cfg, llamacpp_max_ctx, "llamacpp-max-ctx", "1048576", 1, 1 << 22,
                 "llama.cpp only at contexts up to this"),
-    CKV_OPT_INT(struct bench_cfg, llamacpp_batch_max_ctx, "llamacpp-batch-max-ctx", "2048", 0,
+    CKV_OPT_INT(struct bench_cfg, llamacpp_batch_max_ctx, "llamacpp-batch-max-ctx", "512", 0,
                 1 << 22, "llama.cpp batches > 1 only at contexts up to this"),
     CKV_OPT_BOOL(struct bench_cfg, flash_attn, "llamacpp-flash-attn", "no",
                  "turn llama.cpp's flash attention on (its default is off)"),
