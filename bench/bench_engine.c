@@ -130,8 +130,9 @@ static const struct ckv_config_opt bench_options[] = {
                 1 << 22, "llama.cpp batches > 1 only at contexts up to this"),
     CKV_OPT_BOOL(struct bench_cfg, flash_attn, "llamacpp-flash-attn", "no",
                  "turn llama.cpp's flash attention on (its default is off)"),
-    CKV_OPT_ENUM(struct bench_cfg, omp_wait, "llamacpp-omp-wait", "default", omp_wait_names,
-                 "OMP_WAIT_POLICY of llama.cpp's OpenMP threads (default: as inherited)"),
+    CKV_OPT_ENUM(struct bench_cfg, omp_wait, "llamacpp-omp-wait", "passive", omp_wait_names,
+                 "OMP_WAIT_POLICY of llama.cpp's OpenMP threads (default: as inherited; "
+                 "passive: far faster on shared cores, see docs/BENCHMARKS.md)"),
     CKV_OPT_STRING(struct bench_cfg, python, "python", "python3", "Python with llama_cpp"),
     CKV_OPT_STRING(struct bench_cfg, script, "llamacpp-script", CKV_BENCH_ENGINE_PY,
                    "llama.cpp's side"),
@@ -189,6 +190,12 @@ static double median(const double *v, int n)
     double m = n % 2 ? c[n / 2] : 0.5 * (c[n / 2 - 1] + c[n / 2]);
     free(c);
     return m;
+}
+
+/* Engine stats are differences of running sums: -0.000 and tiny negatives become 0. */
+static double nonneg(double x)
+{
+    return x > 0 ? x : 0;
 }
 
 static double sum(const double *v, int n)
@@ -734,10 +741,10 @@ static int write_json(const struct run *r, const char *path)
                             c->attn_ms / c->n_steps, c->matmul_ms / c->n_steps,
                             eng_ms > 0 ? c->attn_ms / eng_ms : 0,
                             c->attn_calls ? (double)c->attended_tokens / c->attn_calls : 0,
-                            c->select_ms / c->n_steps, c->fetch_ms / c->n_steps,
-                            c->kv_attn_ms / c->n_steps, (unsigned long long)c->cache_hits,
+                            nonneg(c->select_ms / c->n_steps), nonneg(c->fetch_ms / c->n_steps),
+                            nonneg(c->kv_attn_ms / c->n_steps), (unsigned long long)c->cache_hits,
                             (unsigned long long)c->cache_misses,
-                            (unsigned long long)c->clusters_made, c->kmeans_ms);
+                            (unsigned long long)c->clusters_made, nonneg(c->kmeans_ms));
                 fprintf(f, "}");
                 first = false;
             }
