@@ -56,8 +56,10 @@ size_t ckv_wtype_row_bytes(int type, int cols);
 /* y (n, w->rows) = x (n, w->cols) . W^T, for n >= 1 activation rows (a batch of tokens).
  * Float weights: f32 accumulation of products of f32 values. Quantized weights: each
  * 32-element block of x is first quantized to 8 bits (symmetric, d = max|x|/127, as llama.cpp's
- * Q8_0/Q8_1 activations) and the block dot products are integer, scaled in f32: this is what
- * llama.cpp computes, so logits agree with it closely. The kernel and its reason are documented
+ * Q8_0/Q8_1 activations, q rounded to nearest even) and the block dot products are integer,
+ * scaled in f32: this is what llama.cpp computes, so logits agree with it closely (the one
+ * difference: the activation's d and block sum stay f32 where llama.cpp rounds them to f16).
+ * Q4_1: dot = d_w*d_x*sum(q_w*q_x) + m_w*s_x, s_x = d_x*sum(q_x) (llama.cpp's Q8_1 s). The kernel and its reason are documented
  * in cpu_ops.c. */
 int ckv_matmul(ckv_ctx_t *ctx, const struct ckv_weight *w, const float *x, int n, float *y);
 
@@ -87,7 +89,10 @@ struct ckv_rope_params {
 };
 
 /* In place on x (n, n_heads, head_dim): token i at position pos[i] (host array). The angle of
- * pair i is pos * freq_scale * theta^(-2i/n_rot) / factor_i, computed in f64 then rounded. */
+ * pair i is pos * freq_scale * theta^(-2i/n_rot) / factor_i, computed in f64; its cos and sin
+ * (f64) are rounded to f32 and the rotation is f32. Dimensions n_rot.. head_dim-1 are left
+ * as they are. -EINVAL: n_rot odd, < 2 or > head_dim, theta or freq_scale not finite and > 0,
+ * a freq_factor not finite and > 0. */
 int ckv_rope(ckv_ctx_t *ctx, float *x, int n, int n_heads, int head_dim, const int32_t *pos,
              const struct ckv_rope_params *p);
 

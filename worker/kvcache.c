@@ -116,7 +116,7 @@ struct ckv_kvcache {
     uint32_t stamp;
 
     /* per-step scratch, grown and never shrunk (no allocation on the steady decode path) */
-    int max_sel, cap_sel;                  /* selection capacity per unit */
+    int max_sel;                           /* selection capacity per unit */
     int32_t *sel_dev, *cnt_dev, *take_dev; /* device selection outputs */
     int32_t *sel, *cnt, *take;             /* host copies */
     struct ckv_block_ref *refs, *refs_dev;
@@ -679,12 +679,15 @@ static int layer_rebuild(ckv_kvcache_t *kv, struct kv_layer *L)
             free(sizes);
             return rc;
         }
-        memcpy(sizes + o, H->size, sizeof(int32_t) * (size_t)H->n_clu);
+        if (H->n_clu)
+            memcpy(sizes + o, H->size, sizeof(int32_t) * (size_t)H->n_clu);
         max_clu = CKV_MAX(max_clu, H->n_clu);
         if (H->clustered > kv->o.budget)
             all_small = 0;
     }
-    rc = ckv_copy_h2d(kv->ctx, L->size_all, sizes, sizeof(int32_t) * (size_t)L->n_clu_total);
+    rc = L->n_clu_total
+             ? ckv_copy_h2d(kv->ctx, L->size_all, sizes, sizeof(int32_t) * (size_t)L->n_clu_total)
+             : 0;
     free(sizes);
     if (rc == 0)
         rc = ckv_copy_h2d(kv->ctx, L->head_off_dev, L->head_off,
@@ -1500,5 +1503,27 @@ int ckv_kvcache_end_step(ckv_kvcache_t *kv)
         L->wstart += L->n_win;
         L->n_win = 0;
     }
+    return 0;
+}
+
+int ckv_kvcache_clusters(const ckv_kvcache_t *kv, int layer, int kv_head,
+                         struct ckv_kv_clusters *out)
+{
+    if (!kv || !out || kv->o.method != CKV_KV_CLUSTERKV || !kv->prefilled || layer < 0 ||
+        layer >= kv->g.n_layers || !layer_sparse(kv, layer) || kv_head < 0 ||
+        kv_head >= kv->g.n_kv_heads)
+        return -EINVAL;
+    const struct kv_layer *L = &kv->layers[layer];
+    const struct ckv_head *H = &L->heads[kv_head];
+    static const int32_t zero = 0; /* the offsets of a head that never had a cluster */
+    *out = (struct ckv_kv_clusters){
+        .n_clusters = H->n_clu,
+        .sizes = H->size,
+        .offsets = H->mem0 ? H->mem0 : &zero,
+        .members = H->members,
+        .n_sinks = L->n_sink,
+        .window_start = L->wstart,
+        .n_window = L->n_win,
+    };
     return 0;
 }

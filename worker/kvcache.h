@@ -140,4 +140,20 @@ int ckv_kvcache_end_step(ckv_kvcache_t *kv);
 
 void ckv_kvcache_stats(const ckv_kvcache_t *kv, struct ckv_kv_stats *out);
 
+/* The clusters of one (layer, KV head) of a clusterkv sequence (evaluation, debugging): in
+ * creation order (prompt clusters, then each window's), host arrays owned by kv and valid
+ * until its next end_step/free. Cluster c holds the positions members[offsets[c] ..
+ * offsets[c+1]), ascending; sizes[c] = offsets[c+1] - offsets[c]. */
+struct ckv_kv_clusters {
+    int n_clusters;
+    const int32_t *sizes;   /* (n_clusters) */
+    const int32_t *offsets; /* (n_clusters + 1) */
+    const int32_t *members; /* (offsets[n_clusters]) token positions */
+    int n_sinks;            /* positions [0, n_sinks) are sinks */
+    int window_start, n_window; /* the window: [window_start, window_start + n_window) */
+};
+/* 0, or -EINVAL (not clusterkv, a full layer, a bad index, or before end_prefill). */
+int ckv_kvcache_clusters(const ckv_kvcache_t *kv, int layer, int kv_head,
+                         struct ckv_kv_clusters *out);
+
 #endif

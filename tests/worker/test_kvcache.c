@@ -677,3 +677,113 @@ Test(kvcache, quest_pages_match_reference)
     check_quest(CKV_SELECT_KVHEAD_SUM);
     check_quest(CKV_SELECT_KVHEAD_MAX);
 }
+
+/* The clusters partition exactly the positions between the sinks and the window: the
+ * prompt's after end_prefill, each window's after it is clustered; sizes and members agree. */
+static void check_partition(ckv_kvcache_t *kv, int layer, int h, int n_tokens)
+{
+    struct ckv_kv_clusters c;
+    cr_assert_eq(ckv_kvcache_clusters(kv, layer, h, &c), 0);
+    char *seen = calloc((size_t)n_tokens, 1);
+    cr_assert_eq(c.offsets[0], 0);
+    for (int i = 0; i < c.n_clusters; i++) {
+        cr_assert_eq(c.sizes[i], c.offsets[i + 1] - c.offsets[i]);
+        cr_assert_gt(c.sizes[i], 0);
+        for (int j = c.offsets[i]; j < c.offsets[i + 1]; j++) {
+            int p = c.members[j];
+            cr_assert(p >= c.n_sinks && p < c.window_start, "position %d outside", p);
+            cr_assert_eq(seen[p], 0, "position %d twice", p);
+            seen[p] = 1;
+            if (j > c.offsets[i])
+                cr_assert_gt(p, c.members[j - 1]);
+        }
+    }
+    for (int p = c.n_sinks; p < c.window_start; p++)
+        cr_assert_eq(seen[p], 1, "position %d in no cluster", p);
+    cr_assert_eq(c.window_start + c.n_window, n_tokens);
+    free(seen);
+}
+
+Test(kvcache, clusterkv_clusters_partition_positions)
+{
+    struct ckv_kv_opts o = opts_of(CKV_KV_CLUSTERKV, 64);
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    struct ckv_kv_clusters c;
+    cr_assert_eq(ckv_kvcache_clusters(f.kv, 2, 0, &c), -EINVAL, "before end_prefill");
+    fx_prefill(&f, 300, 150);
+    cr_assert_eq(ckv_kvcache_clusters(f.kv, 0, 0, &c), -EINVAL, "a full layer");
+    cr_assert_eq(ckv_kvcache_clusters(f.kv, 2, 2, &c), -EINVAL, "no such head");
+    cr_assert_eq(ckv_kvcache_clusters(f.kv, 2, 1, &c), 0);
+    /* tokens_per_cluster 20: ceil(268 / 20) = 14 clusters at most */
+    cr_assert(c.n_clusters >= 10 && c.n_clusters <= 14, "%d", c.n_clusters);
+    cr_assert_eq(c.n_sinks, 16);
+    cr_assert_eq(c.window_start, 284);
+    cr_assert_eq(c.n_window, 16);
+    for (int s = 0; s < 50; s++) {
+        fx_step(&f, NULL);
+        for (int l = 2; l < 4; l++)
+            for (int h = 0; h < 2; h++)
+                check_partition(f.kv, l, h, 301 + s);
+    }
+    cr_assert_eq(ckv_kvcache_clusters(f.kv, 3, 0, &c), 0);
+    cr_assert_eq(c.window_start, 316 + 32); /* two windows clustered: at 316 and 348 */
+    fx_close(&f);
+
+    struct ckv_kv_opts q = opts_of(CKV_KV_QUEST, 64);
+    fx_open(&f, &geom_ckv, &q);
+    fx_prefill(&f, 40, 40);
+    cr_assert_eq(ckv_kvcache_clusters(f.kv, 2, 0, &c), -EINVAL, "not clusterkv");
+    fx_close(&f);
+}
+
+Test(kvcache, clusterkv_store_full_is_an_error)
+{
+    /* a store with room for a few blocks: end_prefill reports its -ENOSPC */
+    struct ckv_ctx_opts co = {.backend = CKV_BACKEND_CPU, .n_threads = 1};
+    ckv_ctx_t *ctx = NULL;
+    cr_assert_eq(ckv_ctx_new(&co, &ctx), 0);
+    struct ckv_kv_opts o = opts_of(CKV_KV_CLUSTERKV, 64);
+    struct ckv_block_store *store = NULL;
+    size_t bb = ckv_block_bytes(geom_ckv.head_dim, o.dtype);
+    cr_assert_eq(ckv_block_store_mem_new(bb, 4 * bb, &store), 0);
+    ckv_kvcache_t *kv = NULL;
+    char err[128];
+    cr_assert_eq(ckv_kvcache_new(ctx, &geom_ckv, &o, store, 9, &kv, err, sizeof(err)), 0);
+    int row = geom_ckv.n_kv_heads * geom_ckv.head_dim;
+    float *k = calloc((size_t)200 * row, sizeof(float)), *v = calloc((size_t)200 * row, 4);
+    for (int i = 0; i < 200 * row; i++)
+        k[i] = (float)((i * 37) % 101) / 50.0f - 1.0f;
+    for (int l = 0; l < geom_ckv.n_layers; l++)
+        cr_assert_eq(ckv_kvcache_append(kv, l, k, v, 200), 0);
+    cr_assert_eq(ckv_kvcache_end_prefill(kv), -ENOSPC);
+    ckv_kvcache_free(&kv);
+    /* and a block size that is not the KV's is refused up front */
+    struct ckv_block_store *other = NULL;
+    cr_assert_eq(ckv_block_store_mem_new(bb * 2, 0, &other), 0);
+    cr_assert_eq(ckv_kvcache_new(ctx, &geom_ckv, &o, other, 9, &kv, err, sizeof(err)), -EINVAL);
+    cr_assert(strstr(err, "block"), "%s", err);
+    ckv_block_store_destroy(&other);
+    ckv_block_store_destroy(&store);
+    free(k);
+    free(v);
+    ckv_ctx_destroy(&ctx);
+}
+
+Test(kvcache, end_prefill_twice_and_free_drops_clusters)
+{
+    struct ckv_kv_opts o = opts_of(CKV_KV_CLUSTERKV, 64);
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    fx_prefill(&f, 120, 120);
+    struct ckv_block_store_mem_stats a, b;
+    cr_assert_eq(ckv_block_store_mem_stats(f.store, &a), 0);
+    cr_assert_gt(a.clusters, 0);
+    cr_assert_eq(ckv_kvcache_end_prefill(f.kv), 0);
+    cr_assert_eq(ckv_block_store_mem_stats(f.store, &b), 0);
+    cr_assert_eq(b.clusters, a.clusters, "a second end_prefill clusters nothing");
+    ckv_kvcache_free(&f.kv);
+    cr_assert_eq(ckv_block_store_mem_stats(f.store, &b), 0);
+    cr_assert_eq(b.clusters, 0, "freeing the sequence drops its clusters");
+    fx_close(&f);
+}
