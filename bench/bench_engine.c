@@ -130,9 +130,9 @@ static const struct ckv_config_opt bench_options[] = {
                 1 << 22, "llama.cpp batches > 1 only at contexts up to this"),
     CKV_OPT_BOOL(struct bench_cfg, flash_attn, "llamacpp-flash-attn", "no",
                  "turn llama.cpp's flash attention on (its default is off)"),
-    CKV_OPT_ENUM(struct bench_cfg, omp_wait, "llamacpp-omp-wait", "passive", omp_wait_names,
-                 "OMP_WAIT_POLICY of llama.cpp's OpenMP threads (default: as inherited; "
-                 "passive: far faster on shared cores, see docs/BENCHMARKS.md)"),
+    CKV_OPT_ENUM(struct bench_cfg, omp_wait, "llamacpp-omp-wait", "default", omp_wait_names,
+                 "OMP_WAIT_POLICY of llama.cpp's OpenMP threads (default: as inherited, "
+                 "libgomp spins briefly; passive: slower on idle cores, faster on busy ones)"),
     CKV_OPT_STRING(struct bench_cfg, python, "python", "python3", "Python with llama_cpp"),
     CKV_OPT_STRING(struct bench_cfg, script, "llamacpp-script", CKV_BENCH_ENGINE_PY,
                    "llama.cpp's side"),
@@ -311,10 +311,11 @@ static int llama_start(struct llama_proc *p, const struct bench_cfg *cfg, const 
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_adddup2(&fa, to[0], 0); /* dup2 clears O_CLOEXEC on 0 and 1 */
     posix_spawn_file_actions_adddup2(&fa, from[1], 1);
-    /* llama.cpp's ggml synchronises its threads with OpenMP barriers: spinning ones (the
-     * libgomp default spins ~300k iterations before it sleeps) are fastest on idle cores and
-     * collapse when the cores are shared with other processes, passive ones the other way
-     * round; --llamacpp-omp-wait picks, for the child only */
+    /* llama.cpp's ggml synchronises its threads with OpenMP barriers, hundreds per token:
+     * spinning ones (libgomp spins a while before it sleeps) are fastest on idle cores and
+     * collapse on cores shared with other processes (1.4 s per decode step at load 16),
+     * passive ones the other way round (3.4x slower on idle cores); --llamacpp-omp-wait
+     * picks, for the child only */
     char **env = environ;
     char **env_own = NULL;
     if (cfg->omp_wait > 0) {
