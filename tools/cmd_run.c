@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "ckv_buf.h"
+#include "ckv_clock.h"
 #include "ckv_cmds.h"
 #include "ckv_config.h"
 #include "ckv_error.h"
@@ -146,7 +147,7 @@ static int parse_layers(const char *s, int n_layers, int from, int *out)
 }
 
 struct progress {
-    bool show;
+    bool show, tty;
     uint64_t t0;
 };
 
@@ -155,9 +156,10 @@ static void on_progress(void *arg, int done, int total)
     struct progress *p = arg;
     if (!p->show)
         return;
-    fprintf(stderr, "\rprefill: %d / %d tokens", done, total);
-    if (done == total)
-        fputc('\n', stderr);
+    /* one line rewritten in place on a terminal, one line per chunk in a log */
+    double s = ckv_elapsed_s(p->t0);
+    fprintf(stderr, "%sprefill: %d / %d tokens, %.1f s, %.0f tokens/s%s", p->tty ? "\r" : "", done,
+            total, s, s > 0 ? done / s : 0.0, p->tty && done < total ? "" : "\n");
     fflush(stderr);
 }
 
@@ -353,7 +355,8 @@ int ckv_cmd_run(int argc, char **argv)
     fprintf(stderr, "ckv run: %s (%s, %d layers, %s), %s, method %s, prompt %d tokens\n",
             info->name, info->arch, info->n_layers, info->weight_type,
             ckv_ctx_describe(ckv_engine_ctx(e)), ckv_kv_method_name(eo.kv.method), n_ids);
-    struct progress pg = {.show = n_ids > cfg.prefill_chunk};
+    struct progress pg = {
+        .show = n_ids > cfg.prefill_chunk, .tty = isatty(2) == 1, .t0 = ckv_now_ns()};
     if ((rc = ckv_engine_prefill(e, seq, ids, n_ids, logits, on_progress, &pg)) < 0) {
         fprintf(stderr, "ckv run: prefill: %s\n", ckv_strerror(rc));
         goto done_smp;

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "ckv_error.h"
+#include "ckv_qkv.h"
 #include "ckv_test.h"
 #include "engine.h"
 
@@ -414,4 +415,60 @@ Test(engine, bad_calls)
     free(many);
     free(logits);
     ckv_engine_close(&e);
+}
+
+/* --dump-qkv: the dump of a layer holds the prompt's K/V (gathered over several prefill
+ * chunks) and one record per decode step, in the format ckv_qkv_read() (and so `ckv eval-attn`)
+ * reads, with the model's geometry; misuse is refused. */
+Test(engine, qkv_dump_reads_back, .timeout = 600)
+{
+    const char *model = need_model();
+    load_fixture();
+    const struct fx_prompt *f = &fx[0];
+    ckv_engine_t *e = open_engine(model, 1, 16); /* several chunks: the prompt K/V grow */
+    const struct ckv_model_info *in = ckv_engine_info(e);
+    char dir[512], err[512];
+    cr_assert_eq(ckv_test_tmpdir(dir, sizeof(dir)), 0);
+    int seq = new_seq(e, NULL);
+    int layers[2] = {3, in->n_layers - 1};
+    cr_assert_eq(ckv_engine_seq_dump_qkv(e, seq, dir, layers, 2, err, sizeof(err)), 0, "%s", err);
+    int nv = in->n_vocab;
+    float *logits = malloc((size_t)nv * sizeof(float));
+    cr_assert_eq(ckv_engine_prefill(e, seq, f->ids, f->n_ids, logits, NULL, NULL), 0);
+    int steps = 5;
+    for (int k = 0; k < steps; k++) {
+        int32_t tok = argmax(logits, nv);
+        cr_assert_eq(ckv_engine_decode(e, &seq, &tok, 1, logits), 0);
+    }
+    ckv_engine_seq_free(e, seq); /* closes the writers */
+    for (int i = 0; i < 2; i++) {
+        char path[700];
+        snprintf(path, sizeof(path), "%s/layer-%02d.qkv", dir, layers[i]);
+        struct ckv_qkv q;
+        int rc = ckv_qkv_read(path, &q, err, sizeof(err));
+        cr_assert_eq(rc, 0, "%s: %s", path, err);
+        cr_expect_eq(q.layer, layers[i]);
+        cr_expect_eq(q.n_q_heads, in->n_q_heads);
+        cr_expect_eq(q.n_kv_heads, in->n_kv_heads);
+        cr_expect_eq(q.head_dim, in->head_dim);
+        cr_expect_eq(q.n_prompt, f->n_ids);
+        cr_expect_eq(q.n_steps, steps);
+        cr_expect_eq(q.truncated, 0);
+        /* keys are post-RoPE and not all zero */
+        double sum = 0;
+        const float *k = q.k;
+        for (size_t j = 0; j < (size_t)q.n_kv_heads * q.n_ctx * q.head_dim; j++)
+            sum += fabsf(k[j]);
+        cr_expect_gt(sum, 0.0);
+        ckv_qkv_free(&q);
+    }
+    /* misuse: dumps only on a new sequence, layers in range */
+    seq = new_seq(e, NULL);
+    int bad = in->n_layers;
+    cr_expect_eq(ckv_engine_seq_dump_qkv(e, seq, dir, &bad, 1, err, sizeof(err)), -EINVAL);
+    cr_assert_eq(ckv_engine_prefill(e, seq, f->ids, 4, logits, NULL, NULL), 0);
+    cr_expect_eq(ckv_engine_seq_dump_qkv(e, seq, dir, layers, 1, err, sizeof(err)), -EINVAL);
+    free(logits);
+    ckv_engine_close(&e);
+    ckv_test_rmrf(dir);
 }
