@@ -113,7 +113,7 @@ static const struct ckv_config_opt bench_options[] = {
                    "KV methods, comma-separated; speedups are against full"),
     CKV_OPT_INT(struct bench_cfg, budget, "budget", "512", 16, 1 << 20,
                 "token budget of clusterkv, quest and streaming"),
-    CKV_OPT_INT(struct bench_cfg, decode, "decode", "48", 1, MAX_STEPS,
+    CKV_OPT_INT(struct bench_cfg, decode, "decode", "32", 1, MAX_STEPS,
                 "timed decode steps per engine and batch size"),
     CKV_OPT_INT(struct bench_cfg, rounds, "rounds", "4", 1, 64,
                 "the timed steps are split into this many rounds, engines alternating"),
