@@ -5,8 +5,9 @@
  * the same run (issue 4's benchmark). Prints a table and the command that reproduces it;
  * --json FILE writes every figure.
  *
- *   build/bin/ckv-bench-engine                  512/2k/8k x batch 1/8, ~10 min on 2 cores
- *   build/bin/ckv-bench-engine --quick          under 60 s (see QUICK_* below)
+ *   build/bin/ckv-bench-engine                  512/2k/8k x batch 1/8: ~15 min of a quiet
+ *                                               2-core machine (16 prefills of 8k tokens)
+ *   build/bin/ckv-bench-engine --quick          512 and 2k, batch 1: 16 s (QUICK_* below)
  *   build/bin/ckv-bench-engine --json out.json
  *
  * Method. Prompts are real text (Debian's GPL-3 text, repeated), tokenized once by our
@@ -142,10 +143,10 @@ static const struct ckv_config_opt bench_options[] = {
 /* One (context, batch, engine) figure. */
 struct cell {
     bool prefilled, decoded;
-    double prefill_s;             /* summed over the batch's sequences */
-    double step_ms[MAX_STEPS];    /* timed decode steps */
+    double prefill_s;          /* summed over the batch's sequences */
+    double step_ms[MAX_STEPS]; /* timed decode steps */
     int n_steps;
-    double attn_ms, matmul_ms;    /* ours: engine stats over the timed steps */
+    double attn_ms, matmul_ms; /* ours: engine stats over the timed steps */
     uint64_t attended_tokens, attn_calls, clusters_made, cache_hits, cache_misses;
     double kmeans_ms, select_ms, fetch_ms, kv_attn_ms; /* the KV manager's share of attn_ms */
 };
@@ -254,8 +255,7 @@ static char *read_file(const char *path, size_t *len)
 
 /* At least `need` token ids of the text repeated (caller frees *ids). The whole repeated text
  * is tokenized at once, so pieces across the repetitions' seams are as the tokenizer makes them. */
-static int prompt_tokens(const tokenizer_t *tok, const char *path, int need, int32_t **ids,
-                         int *n)
+static int prompt_tokens(const tokenizer_t *tok, const char *path, int need, int32_t **ids, int *n)
 {
     size_t len;
     char *text = read_file(path, &len);
@@ -304,9 +304,20 @@ static int llama_start(struct llama_proc *p, const struct bench_cfg *cfg, const 
     char thr[16], stride[16];
     snprintf(thr, sizeof(thr), "%d", threads);
     snprintf(stride, sizeof(stride), "%d", cfg->stride);
-    char *argv[] = {(char *)cfg->python, "-u", (char *)cfg->script, "--serve", "--model",
-                    (char *)model, "--tokens", (char *)ids_path, "--threads", thr, "--stride",
-                    stride, cfg->flash_attn ? "--flash-attn" : NULL, NULL};
+    char *argv[] = {(char *)cfg->python,
+                    "-u",
+                    (char *)cfg->script,
+                    "--serve",
+                    "--model",
+                    (char *)model,
+                    "--tokens",
+                    (char *)ids_path,
+                    "--threads",
+                    thr,
+                    "--stride",
+                    stride,
+                    cfg->flash_attn ? "--flash-attn" : NULL,
+                    NULL};
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_adddup2(&fa, to[0], 0); /* dup2 clears O_CLOEXEC on 0 and 1 */
@@ -425,8 +436,8 @@ struct progress {
 static void on_progress(void *arg, int done, int total)
 {
     const struct progress *pr = arg;
-    fprintf(stderr, "\r  %s: sequence %d/%d: %d/%d tokens", pr->what, pr->seq + 1, pr->n_seqs,
-            done, total);
+    fprintf(stderr, "\r  %s: sequence %d/%d: %d/%d tokens", pr->what, pr->seq + 1, pr->n_seqs, done,
+            total);
 }
 
 /* n steps of one engine method over seqs[0..B); records the timed ones into c (NULL: untimed)
@@ -710,8 +721,8 @@ static int write_json(const struct run *r, const char *path)
     fprintf(f, "  \"targets\": {");
     for (int t = 0; t < N_TARGETS; t++) {
         double v = figure_find(figs, n_figs, targets[t].key);
-        fprintf(f, "%s\n    \"%s\": {\"goal\": %.2f, \"value\": %.3f, \"met\": %s}",
-                t ? "," : "", targets[t].key, targets[t].goal, v,
+        fprintf(f, "%s\n    \"%s\": {\"goal\": %.2f, \"value\": %.3f, \"met\": %s}", t ? "," : "",
+                targets[t].key, targets[t].goal, v,
                 v <= 0 ? "null" : (v >= targets[t].goal ? "true" : "false"));
     }
     fprintf(f, "\n  },\n  \"results\": [");
@@ -729,8 +740,8 @@ static int write_json(const struct run *r, const char *path)
                         "\"prefill_tps\": %.2f, \"prefill_s\": %.3f, \"decode_tps\": %.3f, "
                         "\"decode_steps\": %d, \"step_ms_p50\": %.3f, \"step_ms_mean\": %.3f",
                         first ? "" : ",", n, B, r->engine_names[ei], prefill_tps(c, B, n),
-                        c->prefill_s, decode_tps(c, B), c->n_steps,
-                        median(c->step_ms, c->n_steps), c->n_steps ? eng_ms / c->n_steps : 0);
+                        c->prefill_s, decode_tps(c, B), c->n_steps, median(c->step_ms, c->n_steps),
+                        c->n_steps ? eng_ms / c->n_steps : 0);
                 if (ei < L && c->n_steps)
                     fprintf(f,
                             ", \"attn_ms_per_step\": %.3f, \"matmul_ms_per_step\": %.3f, "
@@ -919,8 +930,9 @@ int main(int argc, char **argv)
     r.n_ctx = parse_list(cfg.contexts, r.contexts, MAX_CTX, 1, 1 << 22);
     r.n_b = parse_list(cfg.batches, r.batches, MAX_B, 1, MAX_SEQS);
     if (r.n_ctx < 0 || r.n_b < 0) {
-        fprintf(stderr, "ckv-bench-engine: --contexts and --batches take positive integers "
-                        "separated by commas (at most %d and %d; batches up to %d)\n",
+        fprintf(stderr,
+                "ckv-bench-engine: --contexts and --batches take positive integers "
+                "separated by commas (at most %d and %d; batches up to %d)\n",
                 MAX_CTX, MAX_B, MAX_SEQS);
         return 2;
     }
@@ -930,8 +942,9 @@ int main(int argc, char **argv)
         char *save = NULL;
         for (char *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
             if (r.n_meth == MAX_METH || ckv_kv_method_parse(t, &r.methods[r.n_meth]) < 0) {
-                fprintf(stderr, "ckv-bench-engine: --methods: '%s' (at most %d of full, "
-                                "clusterkv, quest, streaming)\n",
+                fprintf(stderr,
+                        "ckv-bench-engine: --methods: '%s' (at most %d of full, "
+                        "clusterkv, quest, streaming)\n",
                         t, MAX_METH);
                 return 2;
             }
@@ -997,8 +1010,9 @@ int main(int argc, char **argv)
         for (int i = 0; f && i < n_ids; i++)
             fprintf(f, "%d%c", ids[i], i % 32 == 31 ? '\n' : ' ');
         if (!f || fclose(f) != 0 || llama_start(&lp, &cfg, model, ids_path, r.threads) < 0) {
-            fprintf(stderr, "ckv-bench-engine: cannot start the llama.cpp side (%s %s): "
-                            "going on without it\n",
+            fprintf(stderr,
+                    "ckv-bench-engine: cannot start the llama.cpp side (%s %s): "
+                    "going on without it\n",
                     cfg.python, cfg.script);
             cfg.llamacpp = false;
             r.n_eng = r.n_meth;
