@@ -628,8 +628,8 @@ static double figure_find(const struct figure *f, int n, const char *key)
 static void print_report(const struct run *r)
 {
     const int L = r->n_meth; /* llama.cpp's engine index */
-    printf("\n%s, %s, %d threads; prompt: %s; ClusterKV budget %d; %d timed decode steps in %d "
-           "rounds after %d warm-up\n\n",
+    printf("\n%s, %s (llama.cpp: %d threads); prompt: %s; ClusterKV budget %d; %d timed decode "
+           "steps in %d rounds after %d warm-up\n\n",
            r->model_name, r->backend, r->threads, r->cfg->text, r->cfg->budget, r->cfg->decode,
            r->cfg->rounds, r->cfg->warmup);
     printf("| context | batch | engine | prefill tok/s | decode tok/s | step ms p50 | decode vs "
