@@ -20,18 +20,7 @@
 
 /* Config files are small; anything bigger is a mistake (a binary passed by accident). */
 #define CONFIG_FILE_MAX_BYTES (1u << 20)
-#define CONFIG_VALUE_MAX 4096
-
-__attribute__((format(printf, 3, 4))) static void set_err(char *err, size_t errlen,
-                                                          const char *fmt, ...)
-{
-    if (!err || !errlen)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
+#define CONFIG_VALUE_MAX      4096
 
 const struct ckv_config_opt *ckv_config_find(const struct ckv_config_opt *table, const char *name)
 {
@@ -63,7 +52,10 @@ int ckv_config_parse_size(const char *s, uint64_t *out)
         case 'm': shift = 20; break;
         case 'g': shift = 30; break;
         case 't': shift = 40; break;
-        case 'b': shift = 0; end--; break; /* plain "b" suffix: bytes */
+        case 'b':
+            shift = 0;
+            end--;
+            break; /* plain "b" suffix: bytes */
         default: return -EINVAL;
         }
         end++;
@@ -105,7 +97,7 @@ static int opt_set(const struct ckv_config_opt *o, void *cfg, const char *value,
     case CKV_CFG_BOOL: {
         bool b;
         if (parse_bool(value, &b)) {
-            set_err(err, errlen, "option '%s': '%s' is not yes/no", o->name, value);
+            ckv_errorf(0, err, errlen, "option '%s': '%s' is not yes/no", o->name, value);
             return CKV_ECONFIG;
         }
         ASSERT(o->size == sizeof(bool));
@@ -117,12 +109,12 @@ static int opt_set(const struct ckv_config_opt *o, void *cfg, const char *value,
         char *end;
         long long v = strtoll(value, &end, 10);
         if (end == value || *end || errno == ERANGE) {
-            set_err(err, errlen, "option '%s': '%s' is not an integer", o->name, value);
+            ckv_errorf(0, err, errlen, "option '%s': '%s' is not an integer", o->name, value);
             return CKV_ECONFIG;
         }
         if ((double)v < o->min || (double)v > o->max) {
-            set_err(err, errlen, "option '%s': %lld is outside [%.0f, %.0f]", o->name, v, o->min,
-                    o->max);
+            ckv_errorf(0, err, errlen, "option '%s': %lld is outside [%.0f, %.0f]", o->name, v,
+                       o->min, o->max);
             return CKV_ECONFIG;
         }
         ASSERT(o->size == sizeof(int));
@@ -132,13 +124,13 @@ static int opt_set(const struct ckv_config_opt *o, void *cfg, const char *value,
     case CKV_CFG_SIZE: {
         uint64_t v;
         if (ckv_config_parse_size(value, &v)) {
-            set_err(err, errlen, "option '%s': '%s' is not a size (e.g. 4096, 64m, 1g)", o->name,
-                    value);
+            ckv_errorf(0, err, errlen, "option '%s': '%s' is not a size (e.g. 4096, 64m, 1g)",
+                       o->name, value);
             return CKV_ECONFIG;
         }
         if ((double)v < o->min || (double)v > o->max) {
-            set_err(err, errlen, "option '%s': %llu is outside [%.0f, %.0f]", o->name,
-                    (unsigned long long)v, o->min, o->max);
+            ckv_errorf(0, err, errlen, "option '%s': %llu is outside [%.0f, %.0f]", o->name,
+                       (unsigned long long)v, o->min, o->max);
             return CKV_ECONFIG;
         }
         ASSERT(o->size == sizeof(uint64_t));
@@ -150,12 +142,12 @@ static int opt_set(const struct ckv_config_opt *o, void *cfg, const char *value,
         char *end;
         double v = strtod(value, &end);
         if (end == value || *end || errno == ERANGE || !isfinite(v)) {
-            set_err(err, errlen, "option '%s': '%s' is not a number", o->name, value);
+            ckv_errorf(0, err, errlen, "option '%s': '%s' is not a number", o->name, value);
             return CKV_ECONFIG;
         }
         if (v < o->min || v > o->max) {
-            set_err(err, errlen, "option '%s': %g is outside [%g, %g]", o->name, v, o->min,
-                    o->max);
+            ckv_errorf(0, err, errlen, "option '%s': %g is outside [%g, %g]", o->name, v, o->min,
+                       o->max);
             return CKV_ECONFIG;
         }
         ASSERT(o->size == sizeof(double));
@@ -165,8 +157,8 @@ static int opt_set(const struct ckv_config_opt *o, void *cfg, const char *value,
     case CKV_CFG_STRING: {
         size_t n = strlen(value);
         if (n >= o->size) {
-            set_err(err, errlen, "option '%s': value is %zu bytes, at most %zu allowed", o->name,
-                    n, o->size - 1);
+            ckv_errorf(0, err, errlen, "option '%s': value is %zu bytes, at most %zu allowed",
+                       o->name, n, o->size - 1);
             return CKV_ECONFIG;
         }
         memcpy(field, value, n + 1);
@@ -186,7 +178,7 @@ static int opt_set(const struct ckv_config_opt *o, void *cfg, const char *value,
         for (int i = 0; o->choices[i] && off < sizeof(list); i++)
             off += (size_t)snprintf(list + off, sizeof(list) - off, "%s%s", i ? ", " : "",
                                     o->choices[i]);
-        set_err(err, errlen, "option '%s': '%s' is not one of: %s", o->name, value, list);
+        ckv_errorf(0, err, errlen, "option '%s': '%s' is not one of: %s", o->name, value, list);
         return CKV_ECONFIG;
     }
     }
@@ -199,7 +191,7 @@ int ckv_config_set(const struct ckv_config_opt *table, void *cfg, const char *na
 {
     const struct ckv_config_opt *o = ckv_config_find(table, name);
     if (!o) {
-        set_err(err, errlen, "unknown option '%s'", name);
+        ckv_errorf(0, err, errlen, "unknown option '%s'", name);
         return CKV_ECONFIG;
     }
     return opt_set(o, cfg, value, err, errlen);
@@ -228,7 +220,7 @@ static int split_line(const char *line, size_t len, char *name, size_t name_cap,
     size_t n = 0;
     while (i < len && !isspace((unsigned char)line[i])) {
         if (n + 1 >= name_cap) {
-            set_err(err, errlen, "option name too long");
+            ckv_errorf(0, err, errlen, "option name too long");
             return CKV_ECONFIG;
         }
         name[n++] = line[i++];
@@ -250,19 +242,19 @@ static int split_line(const char *line, size_t len, char *name, size_t name_cap,
             if (c == '\\' && i < len)
                 c = line[i++];
             if (v + 1 >= value_cap) {
-                set_err(err, errlen, "value of '%s' too long", name);
+                ckv_errorf(0, err, errlen, "value of '%s' too long", name);
                 return CKV_ECONFIG;
             }
             value[v++] = c;
         }
         if (!closed) {
-            set_err(err, errlen, "unterminated quote in value of '%s'", name);
+            ckv_errorf(0, err, errlen, "unterminated quote in value of '%s'", name);
             return CKV_ECONFIG;
         }
         while (i < len && isspace((unsigned char)line[i]))
             i++;
         if (i < len && line[i] != '#') {
-            set_err(err, errlen, "text after the quoted value of '%s'", name);
+            ckv_errorf(0, err, errlen, "text after the quoted value of '%s'", name);
             return CKV_ECONFIG;
         }
     } else {
@@ -271,7 +263,7 @@ static int split_line(const char *line, size_t len, char *name, size_t name_cap,
             end--;
         for (; i < end; i++) {
             if (v + 1 >= value_cap) {
-                set_err(err, errlen, "value of '%s' too long", name);
+                ckv_errorf(0, err, errlen, "value of '%s' too long", name);
                 return CKV_ECONFIG;
             }
             value[v++] = line[i];
@@ -279,7 +271,7 @@ static int split_line(const char *line, size_t len, char *name, size_t name_cap,
     }
     value[v] = '\0';
     if (v == 0 && !quoted) {
-        set_err(err, errlen, "option '%s' has no value", name);
+        ckv_errorf(0, err, errlen, "option '%s' has no value", name);
         return CKV_ECONFIG;
     }
     return 1;
@@ -301,7 +293,7 @@ int ckv_config_load_text(const struct ckv_config_opt *table, void *cfg, const ch
         const char *line = text + pos;
         pos += line_len + (nl ? 1 : 0);
         if (memchr(line, '\0', line_len)) {
-            set_err(err, errlen, "%s:%d: NUL byte in config text", origin, lineno);
+            ckv_errorf(0, err, errlen, "%s:%d: NUL byte in config text", origin, lineno);
             rc = CKV_ECONFIG;
             break;
         }
@@ -310,7 +302,7 @@ int ckv_config_load_text(const struct ckv_config_opt *table, void *cfg, const ch
         if (s == 0)
             continue;
         if (s < 0 || (s = ckv_config_set(table, cfg, name, value, msg, sizeof(msg))) != 0) {
-            set_err(err, errlen, "%s:%d: %s", origin, lineno, msg);
+            ckv_errorf(0, err, errlen, "%s:%d: %s", origin, lineno, msg);
             rc = CKV_ECONFIG;
             break;
         }
@@ -319,31 +311,31 @@ int ckv_config_load_text(const struct ckv_config_opt *table, void *cfg, const ch
     return rc;
 }
 
-int ckv_config_load_file(const struct ckv_config_opt *table, void *cfg, const char *path,
-                         char *err, size_t errlen)
+int ckv_config_load_file(const struct ckv_config_opt *table, void *cfg, const char *path, char *err,
+                         size_t errlen)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         int e = errno;
-        set_err(err, errlen, "%s: %s", path, strerror(e));
+        ckv_errorf(0, err, errlen, "%s: %s", path, strerror(e));
         return -e;
     }
     struct stat st;
     if (fstat(fd, &st) < 0) {
         int e = errno;
         close(fd);
-        set_err(err, errlen, "%s: %s", path, strerror(e));
+        ckv_errorf(0, err, errlen, "%s: %s", path, strerror(e));
         return -e;
     }
     if (!S_ISREG(st.st_mode)) {
         close(fd);
-        set_err(err, errlen, "%s: not a regular file", path);
+        ckv_errorf(0, err, errlen, "%s: not a regular file", path);
         return CKV_ECONFIG;
     }
     if ((uint64_t)st.st_size > CONFIG_FILE_MAX_BYTES) {
         close(fd);
-        set_err(err, errlen, "%s: %lld bytes, config files are at most %u", path,
-                (long long)st.st_size, CONFIG_FILE_MAX_BYTES);
+        ckv_errorf(0, err, errlen, "%s: %lld bytes, config files are at most %u", path,
+                   (long long)st.st_size, CONFIG_FILE_MAX_BYTES);
         return CKV_ECONFIG;
     }
     size_t len = (size_t)st.st_size;
@@ -385,7 +377,7 @@ int ckv_config_load(const struct ckv_config_opt *table, void *cfg, int argc, cha
             break;
         if (strcmp(a, "--config") == 0 || strcmp(a, "-c") == 0) {
             if (i + 1 >= argc) {
-                set_err(err, errlen, "%s needs a file name", a);
+                ckv_errorf(0, err, errlen, "%s needs a file name", a);
                 return CKV_ECONFIG;
             }
             path = argv[++i];
@@ -411,7 +403,7 @@ int ckv_config_load(const struct ckv_config_opt *table, void *cfg, int argc, cha
             continue;
         if (only_positional || strncmp(a, "--", 2) != 0) {
             if (!positional || !n_positional || *n_positional >= max_positional) {
-                set_err(err, errlen, "unexpected argument '%s'", a);
+                ckv_errorf(0, err, errlen, "unexpected argument '%s'", a);
                 return CKV_ECONFIG;
             }
             positional[(*n_positional)++] = argv[i];
@@ -421,14 +413,14 @@ int ckv_config_load(const struct ckv_config_opt *table, void *cfg, int argc, cha
         const char *eq = strchr(a + 2, '=');
         size_t nlen = eq ? (size_t)(eq - (a + 2)) : strlen(a + 2);
         if (nlen == 0 || nlen >= sizeof(name)) {
-            set_err(err, errlen, "bad option '%s'", a);
+            ckv_errorf(0, err, errlen, "bad option '%s'", a);
             return CKV_ECONFIG;
         }
         memcpy(name, a + 2, nlen);
         name[nlen] = '\0';
         const struct ckv_config_opt *o = ckv_config_find(table, name);
         if (!o) {
-            set_err(err, errlen, "unknown option '--%s' (see --help)", name);
+            ckv_errorf(0, err, errlen, "unknown option '--%s' (see --help)", name);
             return CKV_ECONFIG;
         }
         const char *value;
@@ -441,7 +433,7 @@ int ckv_config_load(const struct ckv_config_opt *table, void *cfg, int argc, cha
         } else if (i + 1 < argc) {
             value = argv[++i];
         } else {
-            set_err(err, errlen, "option '--%s' needs a value", name);
+            ckv_errorf(0, err, errlen, "option '--%s' needs a value", name);
             return CKV_ECONFIG;
         }
         if ((rc = opt_set(o, cfg, value, err, errlen)) != 0)

@@ -22,17 +22,6 @@ static uint64_t page_up(uint64_t v)
     return (v + CKV_SHM_PAGE - 1) / CKV_SHM_PAGE * CKV_SHM_PAGE;
 }
 
-__attribute__((format(printf, 3, 4))) static void set_err(char *err, size_t errlen, const char *fmt,
-                                                          ...)
-{
-    if (!err || !errlen)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 uint32_t ckv_shm_dtype_bytes(uint32_t dtype)
 {
     switch (dtype) {
@@ -148,12 +137,12 @@ static int header_check(const struct ckv_shm_header *h, uint64_t file_bytes, cha
                         size_t errlen)
 {
     if (__atomic_load_n(&h->magic, __ATOMIC_ACQUIRE) != CKV_SHM_MAGIC) {
-        set_err(err, errlen, "no segment magic (half-made by a store that died, or foreign)");
+        ckv_errorf(0, err, errlen, "no segment magic (half-made by a store that died, or foreign)");
         return CKV_EFORMAT;
     }
     if (h->layout_version != CKV_SHM_LAYOUT_VERSION) {
-        set_err(err, errlen, "layout version %u, this build reads %u", h->layout_version,
-                CKV_SHM_LAYOUT_VERSION);
+        ckv_errorf(0, err, errlen, "layout version %u, this build reads %u", h->layout_version,
+                   CKV_SHM_LAYOUT_VERSION);
         return CKV_EFORMAT;
     }
     struct ckv_shm_geometry g = {
@@ -165,20 +154,21 @@ static int header_check(const struct ckv_shm_header *h, uint64_t file_bytes, cha
     };
     struct ckv_shm_header want;
     if (h->block_tokens != CKV_SHM_BLOCK_TOKENS || ckv_shm_layout(&g, &want) != 0) {
-        set_err(err, errlen, "bad geometry (block_tokens %u, head_dim %u, dtype %u, %llu blocks)",
-                h->block_tokens, h->head_dim, h->dtype, (unsigned long long)h->n_blocks);
+        ckv_errorf(0, err, errlen,
+                   "bad geometry (block_tokens %u, head_dim %u, dtype %u, %llu blocks)",
+                   h->block_tokens, h->head_dim, h->dtype, (unsigned long long)h->n_blocks);
         return CKV_EFORMAT;
     }
     if (want.block_bytes != h->block_bytes || want.index_offset != h->index_offset ||
         want.block_next_offset != h->block_next_offset ||
         want.slot_next_offset != h->slot_next_offset || want.pool_offset != h->pool_offset ||
         want.segment_bytes != h->segment_bytes) {
-        set_err(err, errlen, "region offsets do not match the geometry");
+        ckv_errorf(0, err, errlen, "region offsets do not match the geometry");
         return CKV_EFORMAT;
     }
     if (h->segment_bytes != file_bytes) {
-        set_err(err, errlen, "header says %llu bytes, the file has %llu",
-                (unsigned long long)h->segment_bytes, (unsigned long long)file_bytes);
+        ckv_errorf(0, err, errlen, "header says %llu bytes, the file has %llu",
+                   (unsigned long long)h->segment_bytes, (unsigned long long)file_bytes);
         return CKV_EFORMAT;
     }
     return 0;
@@ -191,13 +181,13 @@ int ckv_shm_open(const char *name, struct ckv_shm *s, char *err, size_t errlen)
     if (err && errlen)
         err[0] = '\0';
     if (ckv_shm_name_check(name)) {
-        set_err(err, errlen, "bad segment name '%s'", name ? name : "(null)");
+        ckv_errorf(0, err, errlen, "bad segment name '%s'", name ? name : "(null)");
         return -EINVAL;
     }
     int fd = shm_open(name, O_RDWR | O_CLOEXEC, 0);
     if (fd < 0) {
         int rc = -errno;
-        set_err(err, errlen, "%s", strerror(-rc));
+        ckv_errorf(0, err, errlen, "%s", strerror(-rc));
         return rc;
     }
     int rc;
@@ -207,7 +197,7 @@ int ckv_shm_open(const char *name, struct ckv_shm *s, char *err, size_t errlen)
         goto err_close;
     }
     if ((uint64_t)st.st_size < sizeof(struct ckv_shm_header)) {
-        set_err(err, errlen, "%lld bytes: too small for a header", (long long)st.st_size);
+        ckv_errorf(0, err, errlen, "%lld bytes: too small for a header", (long long)st.st_size);
         rc = CKV_EFORMAT;
         goto err_close;
     }
@@ -232,7 +222,7 @@ int ckv_shm_open(const char *name, struct ckv_shm *s, char *err, size_t errlen)
 
 err_close:
     if (rc < 0 && rc > -4096 && err && !err[0])
-        set_err(err, errlen, "%s", strerror(-rc));
+        ckv_errorf(0, err, errlen, "%s", strerror(-rc));
     close(fd);
     return rc;
 }

@@ -39,17 +39,6 @@ static void wr32(unsigned char *p, uint32_t v)
     p[3] = (unsigned char)(v >> 24);
 }
 
-__attribute__((format(printf, 3, 4))) static int fail(char *err, size_t errlen, const char *fmt,
-                                                      ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    if (err && errlen)
-        vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-    return CKV_EFORMAT;
-}
-
 /* First non-finite element of n values of dtype dt, or -1. */
 static long first_nonfinite(const void *p, enum ckv_dtype dt, size_t n)
 {
@@ -91,26 +80,28 @@ int ckv_qkv_read(const char *path, struct ckv_qkv *out, char *err, size_t errlen
         goto out_close;
     }
     if (fread(h, 1, sizeof(h), f) != sizeof(h)) {
-        rc = fail(err, errlen, "%s: shorter than the %d-byte header", path, QKV_HEADER_BYTES);
+        rc = ckv_errorf(CKV_EFORMAT, err, errlen, "%s: shorter than the %d-byte header", path,
+                        QKV_HEADER_BYTES);
         goto out_close;
     }
     if (memcmp(h, CKV_QKV_MAGIC, 8) != 0) {
-        rc = fail(err, errlen, "%s: not a Q/K/V dump (magic is not %s)", path, CKV_QKV_MAGIC);
+        rc = ckv_errorf(CKV_EFORMAT, err, errlen, "%s: not a Q/K/V dump (magic is not %s)", path,
+                        CKV_QKV_MAGIC);
         goto out_close;
     }
     uint32_t version = rd32(h + 8), hbytes = rd32(h + 12), dt = rd32(h + 16), nq = rd32(h + 20),
              nkv = rd32(h + 24), d = rd32(h + 28), layer = rd32(h + 32), np = rd32(h + 36);
     if (version != CKV_QKV_VERSION) {
-        rc = fail(err, errlen, "%s: version %u, this build reads %d", path, version,
-                  CKV_QKV_VERSION);
+        rc = ckv_errorf(CKV_EFORMAT, err, errlen, "%s: version %u, this build reads %d", path,
+                        version, CKV_QKV_VERSION);
         goto out_close;
     }
     if (hbytes != QKV_HEADER_BYTES || dt > 1 || nq < 1 || nq > QKV_MAX_HEADS || nkv < 1 ||
         nkv > nq || nq % nkv != 0 || d < 1 || d > CKV_MAX_HEAD_DIM || layer > 100000) {
-        rc = fail(err, errlen,
-                  "%s: bad header (header bytes %u, dtype %u, heads %u/%u, head_dim %u, "
-                  "layer %u)",
-                  path, hbytes, dt, nq, nkv, d, layer);
+        rc = ckv_errorf(CKV_EFORMAT, err, errlen,
+                        "%s: bad header (header bytes %u, dtype %u, heads %u/%u, head_dim %u, "
+                        "layer %u)",
+                        path, hbytes, dt, nq, nkv, d, layer);
         goto out_close;
     }
     if (np > QKV_MAX_TOKENS) {
@@ -123,8 +114,9 @@ int ckv_qkv_read(const char *path, struct ckv_qkv *out, char *err, size_t errlen
     size_t prompt_bytes = 2 * (size_t)nkv * np * d * esz;
     size_t rec_bytes = 8 + (size_t)nq * d * 4 + 2 * (size_t)nkv * d * esz;
     if ((uint64_t)st.st_size < QKV_HEADER_BYTES + prompt_bytes) {
-        rc = fail(err, errlen, "%s: %lld bytes, the header promises %zu of prompt K/V", path,
-                  (long long)st.st_size, prompt_bytes);
+        rc = ckv_errorf(CKV_EFORMAT, err, errlen,
+                        "%s: %lld bytes, the header promises %zu of prompt K/V", path,
+                        (long long)st.st_size, prompt_bytes);
         goto out_close;
     }
     uint64_t rest = (uint64_t)st.st_size - QKV_HEADER_BYTES - prompt_bytes;
@@ -136,7 +128,7 @@ int ckv_qkv_read(const char *path, struct ckv_qkv *out, char *err, size_t errlen
         goto out_close;
     }
     if (np + n_steps < 1 || n_steps < 1) {
-        rc = fail(err, errlen, "%s: no decode step recorded", path);
+        rc = ckv_errorf(CKV_EFORMAT, err, errlen, "%s: no decode step recorded", path);
         goto out_close;
     }
     out->layer = (int)layer;
@@ -162,15 +154,17 @@ int ckv_qkv_read(const char *path, struct ckv_qkv *out, char *err, size_t errlen
         for (uint32_t hh = 0; hh < nkv; hh++)
             if (fread(dst + ckv_qkv_kv_index(out, (int)hh, 0) * esz, esz, (size_t)np * d, f) !=
                 (size_t)np * d) {
-                rc = fail(err, errlen, "%s: short read in the prompt %s", path, which ? "V" : "K");
+                rc = ckv_errorf(CKV_EFORMAT, err, errlen, "%s: short read in the prompt %s", path,
+                                which ? "V" : "K");
                 goto out_free;
             }
         for (uint32_t hh = 0; hh < nkv; hh++) {
             long bad = first_nonfinite(dst + ckv_qkv_kv_index(out, (int)hh, 0) * esz, out->dtype,
                                        (size_t)np * d);
             if (bad >= 0) {
-                rc = fail(err, errlen, "%s: prompt %s head %u token %ld holds a non-finite value",
-                          path, which ? "V" : "K", hh, bad / (long)d);
+                rc = ckv_errorf(CKV_EFORMAT, err, errlen,
+                                "%s: prompt %s head %u token %ld holds a non-finite value", path,
+                                which ? "V" : "K", hh, bad / (long)d);
                 goto out_free;
             }
         }
@@ -180,17 +174,19 @@ int ckv_qkv_read(const char *path, struct ckv_qkv *out, char *err, size_t errlen
         int t = (int)(np + s);
         float *qs = out->q + (size_t)s * nq * d;
         if (fread(rh, 1, 8, f) != 8 || fread(qs, 4, (size_t)nq * d, f) != (size_t)nq * d) {
-            rc = fail(err, errlen, "%s: short read in step %llu", path, (unsigned long long)s);
+            rc = ckv_errorf(CKV_EFORMAT, err, errlen, "%s: short read in step %llu", path,
+                            (unsigned long long)s);
             goto out_free;
         }
         if (rd32(rh) != CKV_QKV_STEP_MAGIC || rd32(rh + 4) != (uint32_t)t) {
-            rc = fail(err, errlen, "%s: step %llu: bad record (magic 0x%08x, position %u, want %d)",
-                      path, (unsigned long long)s, rd32(rh), rd32(rh + 4), t);
+            rc = ckv_errorf(CKV_EFORMAT, err, errlen,
+                            "%s: step %llu: bad record (magic 0x%08x, position %u, want %d)", path,
+                            (unsigned long long)s, rd32(rh), rd32(rh + 4), t);
             goto out_free;
         }
         if (first_nonfinite(qs, CKV_DTYPE_F32, (size_t)nq * d) >= 0) {
-            rc = fail(err, errlen, "%s: step %llu: non-finite value in q", path,
-                      (unsigned long long)s);
+            rc = ckv_errorf(CKV_EFORMAT, err, errlen, "%s: step %llu: non-finite value in q", path,
+                            (unsigned long long)s);
             goto out_free;
         }
         for (int which = 0; which < 2; which++) {
@@ -198,13 +194,14 @@ int ckv_qkv_read(const char *path, struct ckv_qkv *out, char *err, size_t errlen
             for (uint32_t hh = 0; hh < nkv; hh++) {
                 char *row = dst + ckv_qkv_kv_index(out, (int)hh, t) * esz;
                 if (fread(row, esz, d, f) != d) {
-                    rc = fail(err, errlen, "%s: short read in step %llu", path,
-                              (unsigned long long)s);
+                    rc = ckv_errorf(CKV_EFORMAT, err, errlen, "%s: short read in step %llu", path,
+                                    (unsigned long long)s);
                     goto out_free;
                 }
                 if (first_nonfinite(row, out->dtype, d) >= 0) {
-                    rc = fail(err, errlen, "%s: step %llu: non-finite value in %s of head %u", path,
-                              (unsigned long long)s, which ? "v" : "k", hh);
+                    rc = ckv_errorf(CKV_EFORMAT, err, errlen,
+                                    "%s: step %llu: non-finite value in %s of head %u", path,
+                                    (unsigned long long)s, which ? "v" : "k", hh);
                     goto out_free;
                 }
             }

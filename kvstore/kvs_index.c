@@ -585,18 +585,6 @@ void kvs_index_block_offsets(const struct kvs_index *ix, uint32_t e, uint64_t *o
 
 /* ---- consistency check ---- */
 
-__attribute__((format(printf, 3, 4))) static int fail(char *err, size_t errlen, const char *fmt,
-                                                      ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -EUCLEAN;
-}
-
 /* Marks a chain; returns false on an id out of range or marked twice. */
 static bool check_chain(uint8_t *used, const uint32_t *next, uint32_t limit, uint32_t head,
                         uint32_t n)
@@ -624,7 +612,7 @@ int kvs_index_check(const struct kvs_index *ix, char *err, size_t errlen)
     for (uint32_t i = 0; i < ix->free_entries.n; i++) {
         uint32_t e = ix->free_entries.ids[i];
         if (e >= ix->n_entries || efree[e]) {
-            rc = fail(err, errlen, "free entry %u twice or out of range", e);
+            rc = ckv_errorf(-EUCLEAN, err, errlen, "free entry %u twice or out of range", e);
             goto out;
         }
         efree[e] = 1;
@@ -632,7 +620,7 @@ int kvs_index_check(const struct kvs_index *ix, char *err, size_t errlen)
     for (uint32_t i = 0; i < ix->free_blocks.n; i++) {
         uint32_t b = ix->free_blocks.ids[i];
         if (b >= ix->n_blocks || bused[b]) {
-            rc = fail(err, errlen, "free block %u twice or out of range", b);
+            rc = ckv_errorf(-EUCLEAN, err, errlen, "free block %u twice or out of range", b);
             goto out;
         }
         bused[b] = 1;
@@ -640,7 +628,7 @@ int kvs_index_check(const struct kvs_index *ix, char *err, size_t errlen)
     for (uint32_t i = 0; i < ix->free_slots.n; i++) {
         uint32_t sl = ix->free_slots.ids[i];
         if (sl >= ix->n_slots || sused[sl]) {
-            rc = fail(err, errlen, "free slot %u twice or out of range", sl);
+            rc = ckv_errorf(-EUCLEAN, err, errlen, "free slot %u twice or out of range", sl);
             goto out;
         }
         sused[sl] = 1;
@@ -653,18 +641,19 @@ int kvs_index_check(const struct kvs_index *ix, char *err, size_t errlen)
         uint32_t st = ckv_shm_entry_state(en);
         if (efree[e]) {
             if (st != CKV_SHM_FREE || r->live || r->hold || r->pins || r->io) {
-                rc = fail(err, errlen, "free entry %u is in use (state %u)", e, st);
+                rc = ckv_errorf(-EUCLEAN, err, errlen, "free entry %u is in use (state %u)", e, st);
                 goto out;
             }
             continue;
         }
         if (r->hold == KVS_HOLD_NONE) {
-            rc = fail(err, errlen, "entry %u is neither free nor holding anything", e);
+            rc = ckv_errorf(-EUCLEAN, err, errlen, "entry %u is neither free nor holding anything",
+                            e);
             goto out;
         }
         if (en->n_blocks != kvs_index_blocks_for(en->n_tokens) || en->n_tokens == 0) {
-            rc = fail(err, errlen, "entry %u: %u tokens in %u blocks", e, en->n_tokens,
-                      en->n_blocks);
+            rc = ckv_errorf(-EUCLEAN, err, errlen, "entry %u: %u tokens in %u blocks", e,
+                            en->n_tokens, en->n_blocks);
             goto out;
         }
         data += en->n_blocks;
@@ -680,14 +669,15 @@ int kvs_index_check(const struct kvs_index *ix, char *err, size_t errlen)
             restoring += en->n_blocks;
         }
         if (!ok) {
-            rc =
-                fail(err, errlen, "entry %u: a chain shares a block or slot or leaves the pool", e);
+            rc = ckv_errorf(-EUCLEAN, err, errlen,
+                            "entry %u: a chain shares a block or slot or leaves the pool", e);
             goto out;
         }
         if (!r->live) {
             if (st != CKV_SHM_FREE || (!r->pins && r->io == KVS_RT_IO_NONE)) {
-                rc = fail(err, errlen, "unlinked entry %u: state %u, %u pins, io %u", e, st,
-                          r->pins, r->io);
+                rc =
+                    ckv_errorf(-EUCLEAN, err, errlen, "unlinked entry %u: state %u, %u pins, io %u",
+                               e, st, r->pins, r->io);
                 goto out;
             }
             n_unl++;
@@ -696,7 +686,7 @@ int kvs_index_check(const struct kvs_index *ix, char *err, size_t errlen)
         n_live++;
         struct kvs_key k = entry_key(en);
         if (kvs_index_find(ix, &k) != e) {
-            rc = fail(err, errlen, "live entry %u is not found by its key", e);
+            rc = ckv_errorf(-EUCLEAN, err, errlen, "live entry %u is not found by its key", e);
             goto out;
         }
         bool want_lru = st == CKV_SHM_RESIDENT && r->io == KVS_RT_IO_NONE;
@@ -704,8 +694,9 @@ int kvs_index_check(const struct kvs_index *ix, char *err, size_t errlen)
             (st == CKV_SHM_RESIDENT && r->hold != KVS_HOLD_BLOCKS) ||
             (st == CKV_SHM_SPILLED && r->hold != KVS_HOLD_SLOTS) || st == CKV_SHM_FREE ||
             (bool)r->in_lru != want_lru) {
-            rc = fail(err, errlen, "entry %u: state %u, hold %u, io %u, pins %u, in_lru %u", e, st,
-                      r->hold, r->io, r->pins, r->in_lru);
+            rc = ckv_errorf(-EUCLEAN, err, errlen,
+                            "entry %u: state %u, hold %u, io %u, pins %u, in_lru %u", e, st,
+                            r->hold, r->io, r->pins, r->in_lru);
             goto out;
         }
         n_rsv += st == CKV_SHM_RESERVED;
@@ -714,31 +705,33 @@ int kvs_index_check(const struct kvs_index *ix, char *err, size_t errlen)
     }
     for (uint32_t b = 0; b < ix->n_blocks; b++)
         if (!bused[b]) {
-            rc = fail(err, errlen, "block %u is lost: neither free nor in a chain", b);
+            rc = ckv_errorf(-EUCLEAN, err, errlen, "block %u is lost: neither free nor in a chain",
+                            b);
             goto out;
         }
     for (uint32_t s = 0; s < ix->n_slots; s++)
         if (!sused[s]) {
-            rc = fail(err, errlen, "slot %u is lost: neither free nor in a chain", s);
+            rc = ckv_errorf(-EUCLEAN, err, errlen, "slot %u is lost: neither free nor in a chain",
+                            s);
             goto out;
         }
     if (n_rsv != ix->n_reserved || n_res != ix->n_resident || n_spl != ix->n_spilled ||
         n_unl != ix->n_unlinked || spilling != ix->spilling_blocks || data != ix->data_blocks ||
         restoring != ix->restoring_blocks) {
-        rc = fail(err, errlen,
-                  "counters: reserved %u/%u resident %u/%u spilled %u/%u unlinked %u/%u "
-                  "spilling %llu/%llu restoring %llu/%llu",
-                  n_rsv, ix->n_reserved, n_res, ix->n_resident, n_spl, ix->n_spilled, n_unl,
-                  ix->n_unlinked, (unsigned long long)spilling,
-                  (unsigned long long)ix->spilling_blocks, (unsigned long long)restoring,
-                  (unsigned long long)ix->restoring_blocks);
+        rc = ckv_errorf(-EUCLEAN, err, errlen,
+                        "counters: reserved %u/%u resident %u/%u spilled %u/%u unlinked %u/%u "
+                        "spilling %llu/%llu restoring %llu/%llu",
+                        n_rsv, ix->n_reserved, n_res, ix->n_resident, n_spl, ix->n_spilled, n_unl,
+                        ix->n_unlinked, (unsigned long long)spilling,
+                        (unsigned long long)ix->spilling_blocks, (unsigned long long)restoring,
+                        (unsigned long long)ix->restoring_blocks);
         goto out;
     }
     uint64_t evictable = 0;
     uint32_t lru_n = 0, prev = KVS_NONE;
     for (uint32_t e = ix->lru_head; e != KVS_NONE; e = ix->rt[e].lru_next) {
         if (!ix->rt[e].in_lru || ix->rt[e].lru_prev != prev || ++lru_n > ix->n_entries) {
-            rc = fail(err, errlen, "LRU list broken at entry %u", e);
+            rc = ckv_errorf(-EUCLEAN, err, errlen, "LRU list broken at entry %u", e);
             goto out;
         }
         if (!ix->rt[e].pins)
@@ -746,8 +739,9 @@ int kvs_index_check(const struct kvs_index *ix, char *err, size_t errlen)
         prev = e;
     }
     if (prev != ix->lru_tail || evictable != ix->evictable_blocks) {
-        rc = fail(err, errlen, "LRU tail or evictable blocks (%llu, counted %llu) wrong",
-                  (unsigned long long)ix->evictable_blocks, (unsigned long long)evictable);
+        rc = ckv_errorf(-EUCLEAN, err, errlen,
+                        "LRU tail or evictable blocks (%llu, counted %llu) wrong",
+                        (unsigned long long)ix->evictable_blocks, (unsigned long long)evictable);
         goto out;
     }
     uint32_t seq_total = 0;
@@ -756,20 +750,22 @@ int kvs_index_check(const struct kvs_index *ix, char *err, size_t errlen)
             uint32_t n = 0;
             for (uint32_t e = q->head; e != KVS_NONE; e = ix->rt[e].seq_next) {
                 if (ix->ent[e].seq_uid != q->seq_uid || ix->rt[e].seq != q || ++n > q->n) {
-                    rc = fail(err, errlen, "sequence %llu: list broken at entry %u",
-                              (unsigned long long)q->seq_uid, e);
+                    rc = ckv_errorf(-EUCLEAN, err, errlen, "sequence %llu: list broken at entry %u",
+                                    (unsigned long long)q->seq_uid, e);
                     goto out;
                 }
             }
             if (n != q->n || n == 0) {
-                rc = fail(err, errlen, "sequence %llu: %u entries listed, %u counted",
-                          (unsigned long long)q->seq_uid, n, q->n);
+                rc = ckv_errorf(-EUCLEAN, err, errlen,
+                                "sequence %llu: %u entries listed, %u counted",
+                                (unsigned long long)q->seq_uid, n, q->n);
                 goto out;
             }
             seq_total += n;
         }
     if (seq_total != n_live) {
-        rc = fail(err, errlen, "sequences list %u entries, %u are live", seq_total, n_live);
+        rc = ckv_errorf(-EUCLEAN, err, errlen, "sequences list %u entries, %u are live", seq_total,
+                        n_live);
         goto out;
     }
 out:

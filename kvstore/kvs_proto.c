@@ -9,18 +9,6 @@
 
 #include "ckv_error.h"
 
-__attribute__((format(printf, 4, 5))) static int fail(int rc, char *err, size_t errlen,
-                                                      const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
-
 const char *kvs_proto_body_name(Ckv__Envelope__BodyCase body)
 {
     switch (body) {
@@ -50,15 +38,16 @@ static int check_keys(const Ckv__KvsKeys *k, const struct kvs_limits *lim, const
 {
     size_t n = k ? k->n_seq_uid : 0;
     if (n == 0)
-        return fail(-EINVAL, err, errlen, "%s: no keys", what);
+        return ckv_errorf(-EINVAL, err, errlen, "%s: no keys", what);
     if (k->n_layer != n || k->n_kv_head != n || k->n_cluster_id != n)
-        return fail(-EINVAL, err, errlen,
-                    "%s: key arrays of different lengths (seq_uid %zu, layer %zu, kv_head %zu, "
-                    "cluster_id %zu)",
-                    what, n, k->n_layer, k->n_kv_head, k->n_cluster_id);
+        return ckv_errorf(
+            -EINVAL, err, errlen,
+            "%s: key arrays of different lengths (seq_uid %zu, layer %zu, kv_head %zu, "
+            "cluster_id %zu)",
+            what, n, k->n_layer, k->n_kv_head, k->n_cluster_id);
     if (n > lim->max_request_clusters)
-        return fail(-EINVAL, err, errlen, "%s: %zu keys, at most %u per request", what, n,
-                    lim->max_request_clusters);
+        return ckv_errorf(-EINVAL, err, errlen, "%s: %zu keys, at most %u per request", what, n,
+                          lim->max_request_clusters);
     return 0;
 }
 
@@ -76,34 +65,34 @@ int kvs_proto_check(const Ckv__Envelope *env, const struct kvs_limits *lim, char
         if (rc)
             return rc;
         if (r->n_n_tokens != r->keys->n_seq_uid)
-            return fail(-EINVAL, err, errlen, "%s: %zu keys but %zu token counts", name,
-                        r->keys->n_seq_uid, r->n_n_tokens);
+            return ckv_errorf(-EINVAL, err, errlen, "%s: %zu keys but %zu token counts", name,
+                              r->keys->n_seq_uid, r->n_n_tokens);
         for (size_t i = 0; i < r->n_n_tokens; i++)
             if (r->n_tokens[i] < 1 || r->n_tokens[i] > lim->max_cluster_tokens)
-                return fail(-EINVAL, err, errlen, "%s: cluster %zu has %u tokens (1..%u)", name, i,
-                            r->n_tokens[i], lim->max_cluster_tokens);
+                return ckv_errorf(-EINVAL, err, errlen, "%s: cluster %zu has %u tokens (1..%u)",
+                                  name, i, r->n_tokens[i], lim->max_cluster_tokens);
         return 0;
     }
     case CKV__ENVELOPE__BODY_KVS_COMMIT:
         if (!env->kvs_commit->reservation_id)
-            return fail(-EINVAL, err, errlen, "%s: reservation_id 0", name);
+            return ckv_errorf(-EINVAL, err, errlen, "%s: reservation_id 0", name);
         return 0;
     case CKV__ENVELOPE__BODY_KVS_ABORT:
         if (!env->kvs_abort->reservation_id)
-            return fail(-EINVAL, err, errlen, "%s: reservation_id 0", name);
+            return ckv_errorf(-EINVAL, err, errlen, "%s: reservation_id 0", name);
         return 0;
     case CKV__ENVELOPE__BODY_KVS_FETCH:
         return check_keys(env->kvs_fetch->keys, lim, name, err, errlen);
     case CKV__ENVELOPE__BODY_KVS_RELEASE:
         if (!env->kvs_release->lease_id)
-            return fail(-EINVAL, err, errlen, "%s: lease_id 0", name);
+            return ckv_errorf(-EINVAL, err, errlen, "%s: lease_id 0", name);
         return 0;
     case CKV__ENVELOPE__BODY_KVS_DROP: return 0;
     case CKV__ENVELOPE__BODY__NOT_SET:
-        return fail(CKV_EUNKNOWN_TYPE, err, errlen, "no message body this store knows");
+        return ckv_errorf(CKV_EUNKNOWN_TYPE, err, errlen, "no message body this store knows");
     default:
-        return fail(CKV_EUNKNOWN_TYPE, err, errlen, "%s is not a request ckv-kvstore answers",
-                    name);
+        return ckv_errorf(CKV_EUNKNOWN_TYPE, err, errlen, "%s is not a request ckv-kvstore answers",
+                          name);
     }
 }
 
@@ -112,14 +101,17 @@ int kvs_proto_decode(const uint8_t *buf, size_t len, size_t max_bytes, const str
 {
     *env = NULL;
     if (len > max_bytes)
-        return fail(CKV_ETOOBIG, err, errlen, "frame of %zu bytes, at most %zu", len, max_bytes);
+        return ckv_errorf(CKV_ETOOBIG, err, errlen, "frame of %zu bytes, at most %zu", len,
+                          max_bytes);
     Ckv__Envelope *e = ckv__envelope__unpack(NULL, len, buf);
     if (!e)
-        return fail(CKV_EMALFORMED, err, errlen, "frame of %zu bytes is not an envelope", len);
+        return ckv_errorf(CKV_EMALFORMED, err, errlen, "frame of %zu bytes is not an envelope",
+                          len);
     int rc = 0;
     if (e->version != CKV_PROTOCOL_VERSION)
-        rc = fail(CKV_EPROTO_VERSION, err, errlen, "protocol version %u, this store speaks %u",
-                  e->version, CKV_PROTOCOL_VERSION);
+        rc =
+            ckv_errorf(CKV_EPROTO_VERSION, err, errlen, "protocol version %u, this store speaks %u",
+                       e->version, CKV_PROTOCOL_VERSION);
     else
         rc = kvs_proto_check(e, lim, err, errlen);
     if (rc) {

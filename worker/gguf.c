@@ -18,18 +18,18 @@
 
 #include "ckv_error.h"
 
-#define GGUF_MAGIC "GGUF"
+#define GGUF_MAGIC             "GGUF"
 #define GGUF_DEFAULT_ALIGNMENT 32
-#define GGUF_MAX_KEY_LEN 65535
-#define GGUF_MAX_NAME_LEN 1024 /* ggml uses 64; be generous but bounded */
+#define GGUF_MAX_KEY_LEN       65535
+#define GGUF_MAX_NAME_LEN      1024 /* ggml uses 64; be generous but bounded */
 
 struct gguf_kv {
-    char *key;            /* owned, NUL-terminated */
+    char *key; /* owned, NUL-terminated */
     enum gguf_type type;
     enum gguf_type elem_type; /* arrays */
-    uint64_t n;           /* arrays: element count */
-    const uint8_t *value; /* into the image: the value (for arrays: the first element) */
-    const uint8_t **strs; /* string arrays: owned table of n element pointers (len-prefixed) */
+    uint64_t n;               /* arrays: element count */
+    const uint8_t *value;     /* into the image: the value (for arrays: the first element) */
+    const uint8_t **strs;     /* string arrays: owned table of n element pointers (len-prefixed) */
 };
 
 struct gguf {
@@ -47,18 +47,6 @@ struct gguf {
 struct cursor {
     const uint8_t *p, *end;
 };
-
-__attribute__((format(printf, 3, 4))) static int fail(char *err, size_t errlen, const char *fmt,
-                                                      ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return CKV_EFORMAT;
-}
 
 static size_t remaining(const struct cursor *c)
 {
@@ -129,20 +117,13 @@ struct type_info {
 };
 
 static const struct type_info type_table[GGML_TYPE_COUNT] = {
-    [GGML_TYPE_F32] = {"F32", 1, 4, true},
-    [GGML_TYPE_F16] = {"F16", 1, 2, true},
-    [GGML_TYPE_Q4_0] = {"Q4_0", 32, 18, true},
-    [GGML_TYPE_Q4_1] = {"Q4_1", 32, 20, true},
-    [GGML_TYPE_Q5_0] = {"Q5_0", 32, 22, false},
-    [GGML_TYPE_Q5_1] = {"Q5_1", 32, 24, false},
-    [GGML_TYPE_Q8_0] = {"Q8_0", 32, 34, true},
-    [GGML_TYPE_Q8_1] = {"Q8_1", 32, 36, false},
-    [GGML_TYPE_Q2_K] = {"Q2_K", 256, 84, false},
-    [GGML_TYPE_Q3_K] = {"Q3_K", 256, 110, false},
-    [GGML_TYPE_Q4_K] = {"Q4_K", 256, 144, false},
-    [GGML_TYPE_Q5_K] = {"Q5_K", 256, 176, false},
-    [GGML_TYPE_Q6_K] = {"Q6_K", 256, 210, false},
-    [GGML_TYPE_Q8_K] = {"Q8_K", 256, 292, false},
+    [GGML_TYPE_F32] = {"F32", 1, 4, true},        [GGML_TYPE_F16] = {"F16", 1, 2, true},
+    [GGML_TYPE_Q4_0] = {"Q4_0", 32, 18, true},    [GGML_TYPE_Q4_1] = {"Q4_1", 32, 20, true},
+    [GGML_TYPE_Q5_0] = {"Q5_0", 32, 22, false},   [GGML_TYPE_Q5_1] = {"Q5_1", 32, 24, false},
+    [GGML_TYPE_Q8_0] = {"Q8_0", 32, 34, true},    [GGML_TYPE_Q8_1] = {"Q8_1", 32, 36, false},
+    [GGML_TYPE_Q2_K] = {"Q2_K", 256, 84, false},  [GGML_TYPE_Q3_K] = {"Q3_K", 256, 110, false},
+    [GGML_TYPE_Q4_K] = {"Q4_K", 256, 144, false}, [GGML_TYPE_Q5_K] = {"Q5_K", 256, 176, false},
+    [GGML_TYPE_Q6_K] = {"Q6_K", 256, 210, false}, [GGML_TYPE_Q8_K] = {"Q8_K", 256, 292, false},
     [GGML_TYPE_BF16] = {"BF16", 1, 2, true},
 };
 
@@ -177,8 +158,8 @@ bool gguf_tensor_type_supported(enum ggml_type t)
 const char *gguf_type_name(enum gguf_type t)
 {
     static const char *const names[GGUF_TYPE_COUNT] = {
-        "uint8", "int8", "uint16", "int16", "uint32", "int32", "float32",
-        "bool", "string", "array", "uint64", "int64", "float64"};
+        "uint8", "int8",   "uint16", "int16",  "uint32", "int32",  "float32",
+        "bool",  "string", "array",  "uint64", "int64",  "float64"};
     return (unsigned)t < GGUF_TYPE_COUNT ? names[t] : "unknown";
 }
 
@@ -187,55 +168,63 @@ static int parse_kv(gguf_t *g, struct cursor *c, uint64_t i, char *err, size_t e
     struct gguf_kv *kv = &g->kvs[i];
     struct gguf_str key;
     if (!take_str(c, &key))
-        return fail(err, errlen, "metadata entry %llu: truncated key", (unsigned long long)i);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata entry %llu: truncated key",
+                          (unsigned long long)i);
     if (key.len == 0 || key.len > GGUF_MAX_KEY_LEN)
-        return fail(err, errlen, "metadata entry %llu: key length %llu", (unsigned long long)i,
-                    (unsigned long long)key.len);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata entry %llu: key length %llu",
+                          (unsigned long long)i, (unsigned long long)key.len);
     if (!(kv->key = dup_str(&key)))
         return -ENOMEM;
     if (memchr(kv->key, '\0', key.len))
-        return fail(err, errlen, "metadata entry %llu: NUL byte in key", (unsigned long long)i);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata entry %llu: NUL byte in key",
+                          (unsigned long long)i);
     uint32_t type;
     if (!take(c, &type, sizeof(type)))
-        return fail(err, errlen, "metadata '%s': truncated type", kv->key);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': truncated type", kv->key);
     if (type >= GGUF_TYPE_COUNT)
-        return fail(err, errlen, "metadata '%s': unknown value type %u", kv->key, type);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': unknown value type %u", kv->key,
+                          type);
     kv->type = (enum gguf_type)type;
     kv->value = c->p;
     if (kv->type == GGUF_TYPE_STRING) {
         struct gguf_str s;
         if (!take_str(c, &s))
-            return fail(err, errlen, "metadata '%s': truncated string", kv->key);
+            return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': truncated string", kv->key);
         return 0;
     }
     if (kv->type != GGUF_TYPE_ARRAY) {
         if (!skip(c, scalar_size(kv->type)))
-            return fail(err, errlen, "metadata '%s': truncated value", kv->key);
+            return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': truncated value", kv->key);
         return 0;
     }
     uint32_t et;
     uint64_t n;
     if (!take(c, &et, sizeof(et)) || !take(c, &n, sizeof(n)))
-        return fail(err, errlen, "metadata '%s': truncated array header", kv->key);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': truncated array header",
+                          kv->key);
     if (et >= GGUF_TYPE_COUNT)
-        return fail(err, errlen, "metadata '%s': unknown array element type %u", kv->key, et);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': unknown array element type %u",
+                          kv->key, et);
     if (et == GGUF_TYPE_ARRAY)
-        return fail(err, errlen, "metadata '%s': nested arrays are not supported", kv->key);
+        return ckv_errorf(CKV_EFORMAT, err, errlen,
+                          "metadata '%s': nested arrays are not supported", kv->key);
     kv->elem_type = (enum gguf_type)et;
     kv->n = n;
     kv->value = c->p;
     if (kv->elem_type != GGUF_TYPE_STRING) {
         size_t es = scalar_size(kv->elem_type);
         if (n > remaining(c) / es)
-            return fail(err, errlen, "metadata '%s': array of %llu %s runs past the end of file",
-                        kv->key, (unsigned long long)n, gguf_type_name(kv->elem_type));
+            return ckv_errorf(CKV_EFORMAT, err, errlen,
+                              "metadata '%s': array of %llu %s runs past the end of file", kv->key,
+                              (unsigned long long)n, gguf_type_name(kv->elem_type));
         c->p += n * es;
         return 0;
     }
     /* each string takes at least its 8-byte length */
     if (n > remaining(c) / 8)
-        return fail(err, errlen, "metadata '%s': array of %llu strings runs past the end of file",
-                    kv->key, (unsigned long long)n);
+        return ckv_errorf(CKV_EFORMAT, err, errlen,
+                          "metadata '%s': array of %llu strings runs past the end of file", kv->key,
+                          (unsigned long long)n);
     kv->strs = malloc((n ? n : 1) * sizeof(*kv->strs));
     if (!kv->strs)
         return -ENOMEM;
@@ -243,8 +232,8 @@ static int parse_kv(gguf_t *g, struct cursor *c, uint64_t i, char *err, size_t e
         kv->strs[j] = c->p;
         struct gguf_str s;
         if (!take_str(c, &s))
-            return fail(err, errlen, "metadata '%s': string %llu truncated", kv->key,
-                        (unsigned long long)j);
+            return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': string %llu truncated",
+                              kv->key, (unsigned long long)j);
     }
     return 0;
 }
@@ -254,50 +243,56 @@ static int parse_tensor(gguf_t *g, struct cursor *c, uint64_t i, char *err, size
     struct gguf_tensor *t = &g->tensors[i];
     struct gguf_str name;
     if (!take_str(c, &name))
-        return fail(err, errlen, "tensor %llu: truncated name", (unsigned long long)i);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "tensor %llu: truncated name",
+                          (unsigned long long)i);
     if (name.len == 0 || name.len > GGUF_MAX_NAME_LEN)
-        return fail(err, errlen, "tensor %llu: name length %llu", (unsigned long long)i,
-                    (unsigned long long)name.len);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "tensor %llu: name length %llu",
+                          (unsigned long long)i, (unsigned long long)name.len);
     if (!(t->name = dup_str(&name)))
         return -ENOMEM;
     if (memchr(t->name, '\0', name.len))
-        return fail(err, errlen, "tensor %llu: NUL byte in name", (unsigned long long)i);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "tensor %llu: NUL byte in name",
+                          (unsigned long long)i);
     if (!take(c, &t->n_dims, sizeof(t->n_dims)))
-        return fail(err, errlen, "tensor '%s': truncated", t->name);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "tensor '%s': truncated", t->name);
     if (t->n_dims < 1 || t->n_dims > GGUF_MAX_DIMS)
-        return fail(err, errlen, "tensor '%s': %u dimensions (1..%d allowed)", t->name, t->n_dims,
-                    GGUF_MAX_DIMS);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "tensor '%s': %u dimensions (1..%d allowed)",
+                          t->name, t->n_dims, GGUF_MAX_DIMS);
     uint64_t n_elems = 1;
     for (uint32_t d = 0; d < GGUF_MAX_DIMS; d++) {
         t->ne[d] = 1;
         if (d < t->n_dims && !take(c, &t->ne[d], sizeof(t->ne[d])))
-            return fail(err, errlen, "tensor '%s': truncated shape", t->name);
+            return ckv_errorf(CKV_EFORMAT, err, errlen, "tensor '%s': truncated shape", t->name);
         if (t->ne[d] == 0 || t->ne[d] > (1ull << 40))
-            return fail(err, errlen, "tensor '%s': dimension %u is %llu", t->name, d,
-                        (unsigned long long)t->ne[d]);
+            return ckv_errorf(CKV_EFORMAT, err, errlen, "tensor '%s': dimension %u is %llu",
+                              t->name, d, (unsigned long long)t->ne[d]);
         if (n_elems > UINT64_MAX / t->ne[d])
-            return fail(err, errlen, "tensor '%s': element count overflows", t->name);
+            return ckv_errorf(CKV_EFORMAT, err, errlen, "tensor '%s': element count overflows",
+                              t->name);
         n_elems *= t->ne[d];
     }
     uint32_t type;
     if (!take(c, &type, sizeof(type)) || !take(c, &t->offset, sizeof(t->offset)))
-        return fail(err, errlen, "tensor '%s': truncated", t->name);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "tensor '%s': truncated", t->name);
     t->type = (enum ggml_type)type;
     if (!ggml_type_block_elems(t->type))
-        return fail(err, errlen, "tensor '%s': unknown type %u", t->name, type);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "tensor '%s': unknown type %u", t->name, type);
     if (!gguf_tensor_type_supported(t->type)) {
         if (err && errlen)
-            snprintf(err, errlen, "tensor '%s': type %s is not supported (F32, F16, BF16, Q8_0, "
-                                  "Q4_0, Q4_1 are)", t->name, ggml_type_name(t->type));
+            snprintf(err, errlen,
+                     "tensor '%s': type %s is not supported (F32, F16, BF16, Q8_0, "
+                     "Q4_0, Q4_1 are)",
+                     t->name, ggml_type_name(t->type));
         return CKV_EUNSUPPORTED;
     }
     uint32_t be = ggml_type_block_elems(t->type);
     if (t->ne[0] % be)
-        return fail(err, errlen, "tensor '%s': row of %llu elements is not a multiple of the %s "
-                    "block (%u)", t->name, (unsigned long long)t->ne[0], ggml_type_name(t->type),
-                    be);
+        return ckv_errorf(CKV_EFORMAT, err, errlen,
+                          "tensor '%s': row of %llu elements is not a multiple of the %s "
+                          "block (%u)",
+                          t->name, (unsigned long long)t->ne[0], ggml_type_name(t->type), be);
     if (n_elems / be > UINT64_MAX / ggml_type_block_bytes(t->type))
-        return fail(err, errlen, "tensor '%s': size overflows", t->name);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "tensor '%s': size overflows", t->name);
     t->nbytes = n_elems / be * ggml_type_block_bytes(t->type);
     return 0;
 }
@@ -323,7 +318,7 @@ static int check_unique(const void *elems, uint64_t n, size_t elem_size, size_t 
     int rc = 0;
     for (uint64_t i = 1; i < n && !rc; i++)
         if (strcmp(names[i - 1], names[i]) == 0)
-            rc = fail(err, errlen, "%s '%s' appears twice", what, names[i]);
+            rc = ckv_errorf(CKV_EFORMAT, err, errlen, "%s '%s' appears twice", what, names[i]);
     free(names);
     return rc;
 }
@@ -333,22 +328,25 @@ static int gguf_parse(gguf_t *g, char *err, size_t errlen)
     struct cursor c = {g->base, g->base + g->size};
     char magic[4];
     if (!take(&c, magic, 4) || memcmp(magic, GGUF_MAGIC, 4) != 0)
-        return fail(err, errlen, "not a GGUF file (bad magic)");
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "not a GGUF file (bad magic)");
     if (!take(&c, &g->version, 4))
-        return fail(err, errlen, "truncated header");
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "truncated header");
     if (g->version != 2 && g->version != 3)
-        return fail(err, errlen, "GGUF version %u is not supported (2 and 3 are)", g->version);
+        return ckv_errorf(CKV_EFORMAT, err, errlen,
+                          "GGUF version %u is not supported (2 and 3 are)", g->version);
     if (!take(&c, &g->n_tensors, 8) || !take(&c, &g->n_kv, 8))
-        return fail(err, errlen, "truncated header");
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "truncated header");
     /* a metadata entry takes at least 8 (key len) + 1 (key) + 4 (type) + 1 bytes, a tensor
      * info at least 8 + 1 + 4 + 8 + 4 + 8: refuse counts the file cannot hold before
      * allocating for them */
     if (g->n_kv > remaining(&c) / 14)
-        return fail(err, errlen, "header claims %llu metadata entries, more than the file holds",
-                    (unsigned long long)g->n_kv);
+        return ckv_errorf(CKV_EFORMAT, err, errlen,
+                          "header claims %llu metadata entries, more than the file holds",
+                          (unsigned long long)g->n_kv);
     if (g->n_tensors > remaining(&c) / 33)
-        return fail(err, errlen, "header claims %llu tensors, more than the file holds",
-                    (unsigned long long)g->n_tensors);
+        return ckv_errorf(CKV_EFORMAT, err, errlen,
+                          "header claims %llu tensors, more than the file holds",
+                          (unsigned long long)g->n_tensors);
     g->kvs = calloc(g->n_kv ? g->n_kv : 1, sizeof(*g->kvs));
     g->tensors = calloc(g->n_tensors ? g->n_tensors : 1, sizeof(*g->tensors));
     if (!g->kvs || !g->tensors)
@@ -367,7 +365,8 @@ static int gguf_parse(gguf_t *g, char *err, size_t errlen)
         if ((rc = gguf_get_u32(g, "general.alignment", &a, err, errlen)) != 0)
             return rc;
         if (a == 0 || (a & (a - 1)) != 0 || a > (1u << 20))
-            return fail(err, errlen, "general.alignment %u is not a power of two", a);
+            return ckv_errorf(CKV_EFORMAT, err, errlen,
+                              "general.alignment %u is not a power of two", a);
         g->alignment = a;
     }
     for (uint64_t i = 0; i < g->n_tensors; i++)
@@ -376,18 +375,20 @@ static int gguf_parse(gguf_t *g, char *err, size_t errlen)
     uint64_t pos = (uint64_t)(c.p - g->base);
     g->data_offset = (pos + g->alignment - 1) / g->alignment * g->alignment;
     if (g->data_offset > g->size && g->n_tensors > 0)
-        return fail(err, errlen, "truncated before the tensor data");
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "truncated before the tensor data");
     uint64_t data_size = g->size > g->data_offset ? g->size - g->data_offset : 0;
     for (uint64_t i = 0; i < g->n_tensors; i++) {
         struct gguf_tensor *t = &g->tensors[i];
         if (t->offset % g->alignment)
-            return fail(err, errlen, "tensor '%s': offset %llu is not aligned to %u", t->name,
-                        (unsigned long long)t->offset, g->alignment);
+            return ckv_errorf(CKV_EFORMAT, err, errlen,
+                              "tensor '%s': offset %llu is not aligned to %u", t->name,
+                              (unsigned long long)t->offset, g->alignment);
         if (t->offset > data_size || t->nbytes > data_size - t->offset)
-            return fail(err, errlen, "tensor '%s': data [%llu, +%llu) lies outside the file "
-                        "(%llu data bytes): truncated file?", t->name,
-                        (unsigned long long)t->offset, (unsigned long long)t->nbytes,
-                        (unsigned long long)data_size);
+            return ckv_errorf(CKV_EFORMAT, err, errlen,
+                              "tensor '%s': data [%llu, +%llu) lies outside the file "
+                              "(%llu data bytes): truncated file?",
+                              t->name, (unsigned long long)t->offset, (unsigned long long)t->nbytes,
+                              (unsigned long long)data_size);
         t->data = g->base + g->data_offset + t->offset;
     }
     return check_unique(g->tensors, g->n_tensors, sizeof(*g->tensors),
@@ -536,10 +537,30 @@ static bool read_int(enum gguf_type t, const uint8_t *p, int64_t *out)
     switch (t) {
     case GGUF_TYPE_UINT8: *out = *p; return true;
     case GGUF_TYPE_INT8: *out = (int8_t)*p; return true;
-    case GGUF_TYPE_UINT16: { uint16_t v; memcpy(&v, p, 2); *out = v; return true; }
-    case GGUF_TYPE_INT16: { int16_t v; memcpy(&v, p, 2); *out = v; return true; }
-    case GGUF_TYPE_UINT32: { uint32_t v; memcpy(&v, p, 4); *out = v; return true; }
-    case GGUF_TYPE_INT32: { int32_t v; memcpy(&v, p, 4); *out = v; return true; }
+    case GGUF_TYPE_UINT16: {
+        uint16_t v;
+        memcpy(&v, p, 2);
+        *out = v;
+        return true;
+    }
+    case GGUF_TYPE_INT16: {
+        int16_t v;
+        memcpy(&v, p, 2);
+        *out = v;
+        return true;
+    }
+    case GGUF_TYPE_UINT32: {
+        uint32_t v;
+        memcpy(&v, p, 4);
+        *out = v;
+        return true;
+    }
+    case GGUF_TYPE_INT32: {
+        int32_t v;
+        memcpy(&v, p, 4);
+        *out = v;
+        return true;
+    }
     case GGUF_TYPE_UINT64: {
         uint64_t v;
         memcpy(&v, p, 8);
@@ -548,7 +569,12 @@ static bool read_int(enum gguf_type t, const uint8_t *p, int64_t *out)
         *out = (int64_t)v;
         return true;
     }
-    case GGUF_TYPE_INT64: { int64_t v; memcpy(&v, p, 8); *out = v; return true; }
+    case GGUF_TYPE_INT64: {
+        int64_t v;
+        memcpy(&v, p, 8);
+        *out = v;
+        return true;
+    }
     default: return false;
     }
 }
@@ -559,8 +585,8 @@ int gguf_get_i64(const gguf_t *g, const char *key, int64_t *out, char *err, size
     if (!kv)
         return -ENOENT;
     if (!read_int(kv->type, kv->value, out))
-        return fail(err, errlen, "metadata '%s': %s is not an integer in range", key,
-                    gguf_type_name(kv->type));
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': %s is not an integer in range",
+                          key, gguf_type_name(kv->type));
     return 0;
 }
 
@@ -571,8 +597,8 @@ int gguf_get_u32(const gguf_t *g, const char *key, uint32_t *out, char *err, siz
     if (rc)
         return rc;
     if (v < 0 || v > UINT32_MAX)
-        return fail(err, errlen, "metadata '%s': %lld does not fit in 32 bits", key,
-                    (long long)v);
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': %lld does not fit in 32 bits",
+                          key, (long long)v);
     *out = (uint32_t)v;
     return 0;
 }
@@ -592,7 +618,8 @@ int gguf_get_f32(const gguf_t *g, const char *key, float *out, char *err, size_t
         *out = (float)d;
         return 0;
     }
-    return fail(err, errlen, "metadata '%s': %s is not a float", key, gguf_type_name(kv->type));
+    return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': %s is not a float", key,
+                      gguf_type_name(kv->type));
 }
 
 int gguf_get_bool(const gguf_t *g, const char *key, bool *out, char *err, size_t errlen)
@@ -601,7 +628,8 @@ int gguf_get_bool(const gguf_t *g, const char *key, bool *out, char *err, size_t
     if (!kv)
         return -ENOENT;
     if (kv->type != GGUF_TYPE_BOOL)
-        return fail(err, errlen, "metadata '%s': %s is not a bool", key, gguf_type_name(kv->type));
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': %s is not a bool", key,
+                          gguf_type_name(kv->type));
     *out = kv->value[0] != 0;
     return 0;
 }
@@ -618,8 +646,8 @@ int gguf_get_str(const gguf_t *g, const char *key, struct gguf_str *out, char *e
     if (!kv)
         return -ENOENT;
     if (kv->type != GGUF_TYPE_STRING)
-        return fail(err, errlen, "metadata '%s': %s is not a string", key,
-                    gguf_type_name(kv->type));
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': %s is not a string", key,
+                          gguf_type_name(kv->type));
     str_at(kv->value, out);
     return 0;
 }
@@ -631,8 +659,8 @@ int gguf_get_arr(const gguf_t *g, const char *key, enum gguf_type *elem_type, ui
     if (!kv)
         return -ENOENT;
     if (kv->type != GGUF_TYPE_ARRAY)
-        return fail(err, errlen, "metadata '%s': %s is not an array", key,
-                    gguf_type_name(kv->type));
+        return ckv_errorf(CKV_EFORMAT, err, errlen, "metadata '%s': %s is not an array", key,
+                          gguf_type_name(kv->type));
     *elem_type = kv->elem_type;
     *n = kv->n;
     *data = kv->value;

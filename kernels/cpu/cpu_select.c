@@ -17,29 +17,8 @@
 #include <string.h>
 
 #include "ckv_error.h"
+#include "ckv_math.h"
 #include "cpu_backend.h"
-
-/* f32 -> u32 with the same order (NaN lowest, -0 == +0). */
-static uint32_t score_bits(float f)
-{
-    if (isnan(f))
-        return 0;
-    if (f == 0.0f)
-        f = 0.0f;
-    uint32_t u;
-    memcpy(&u, &f, sizeof(u));
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-static uint64_t rank_key(float score, uint32_t index)
-{
-    return ((uint64_t)score_bits(score) << 32) | (0xffffffffu - index);
-}
-
-static uint32_t key_index(uint64_t key)
-{
-    return 0xffffffffu - (uint32_t)key;
-}
 
 /* ---- a max-heap of keys ---- */
 
@@ -152,11 +131,11 @@ static void sel_task(void *arg, int u, int tid)
         int n_keys = 0;
         for (int c = 0; c < nc; c++)
             if (a->sizes[c0 + c] > 0)
-                keys[n_keys++] = rank_key(s[c], (uint32_t)c);
+                keys[n_keys++] = ckv_math_rank_key(s[c], (uint32_t)c);
         heapify(keys, n_keys);
         int64_t taken = 0;
         while (taken < a->budget && n_keys > 0) {
-            int c = (int)key_index(heap_pop(keys, &n_keys));
+            int c = (int)ckv_math_rank_index(heap_pop(keys, &n_keys));
             int size = a->sizes[c0 + c];
             int take = (int64_t)size < a->budget - taken ? size : (int)(a->budget - taken);
             sel[count++] = c0 + c;
@@ -285,14 +264,14 @@ static void quest_task(void *arg, int u, int tid)
     }
     fold_rows(a->mode, s, n_rows, np);
     for (int p = 0; p < np; p++)
-        keys[p] = rank_key(s[p], (uint32_t)p);
+        keys[p] = ckv_math_rank_key(s[p], (uint32_t)p);
     int n_keys = np;
     heapify(keys, n_keys);
     int n_sel = a->n_select < np ? a->n_select : np;
     int32_t *out = a->sel_pages + (size_t)u * a->n_select;
     int have_last = 0;
     for (int i = 0; i < n_sel; i++) {
-        out[i] = (int32_t)key_index(heap_pop(keys, &n_keys));
+        out[i] = (int32_t)ckv_math_rank_index(heap_pop(keys, &n_keys));
         have_last |= out[i] == np - 1;
     }
     if (!have_last) /* the current page is always attended: it replaces the worst pick */
@@ -383,12 +362,12 @@ static void oracle_task(void *arg, int h, int tid)
     for (int g = 0; g < j->G; g++) {
         const float *sg = s + (size_t)g * j->n_ctx;
         for (int t = 0; t < j->n_ctx; t++)
-            keys[t] = rank_key(sg[t], (uint32_t)t);
+            keys[t] = ckv_math_rank_key(sg[t], (uint32_t)t);
         select_top(keys, j->n_ctx, j->budget);
         qsort(keys, (size_t)j->budget, sizeof(uint64_t), cmp_desc_u64);
         int32_t *out = j->sel + (size_t)(h * j->G + g) * j->budget;
         for (int i = 0; i < j->budget; i++)
-            out[i] = (int32_t)key_index(keys[i]);
+            out[i] = (int32_t)ckv_math_rank_index(keys[i]);
     }
 }
 
