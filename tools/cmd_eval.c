@@ -28,7 +28,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "ckv_buf.h"
@@ -60,7 +59,6 @@ struct eval_opts {
     char task[16];
     char sweep_methods[256];
     char attn_layers[128];
-    char ckv_bin[512];
     int ppl_prefill, ppl_max_tokens, steps, gen_tokens, trials, threads, batch, sweep_budget;
     int sweep_tokens, attn_ctx, attn_steps, agree_ctx;
     int sinks, window, tokens_per_cluster, window_clusters, kmeans_iters, full_layers;
@@ -113,10 +111,8 @@ static const struct ckv_config_opt eval_options[] = {
                    "attn: layers to dump"),
     CKV_OPT_INT(struct eval_opts, attn_ctx, "attn-ctx", "6144", 64, 1 << 20,
                 "attn: prompt tokens of the dumped run"),
-    CKV_OPT_INT(struct eval_opts, attn_steps, "attn-steps", "64", 1, 4096,
+    CKV_OPT_INT(struct eval_opts, attn_steps, "attn-steps", "64", 1, MAX_GEN,
                 "attn: decode steps dumped"),
-    CKV_OPT_STRING(struct eval_opts, ckv_bin, "ckv", "",
-                   "attn: the ckv binary (default: this one)"),
     CKV_OPT_INT(struct eval_opts, sinks, "sinks", "-1", -1, 1 << 20, "ClusterKV/streaming: sinks"),
     CKV_OPT_INT(struct eval_opts, window, "window", "-1", -1, 1 << 20, "ClusterKV: window"),
     CKV_OPT_INT(struct eval_opts, tokens_per_cluster, "tokens-per-cluster", "-1", -1, 1 << 20,
@@ -160,6 +156,9 @@ struct job {
     int n_free;
     int keep_nll;
     const char *what;
+    const char *dump_dir; /* attn: Q/K/V of dump_layers written here (first sequence) */
+    const int *dump_layers;
+    int n_dump_layers;
 };
 
 struct eval {
@@ -174,7 +173,6 @@ struct eval {
     struct ckv_eval_method methods[MAX_LIST];
     int n_methods;
     int budgets[MAX_LIST], n_budgets;
-    char self[512];
 };
 
 /* ---- files and plots ---- */
@@ -391,6 +389,13 @@ static int run_job(struct eval *E, const struct job *j, const struct run_cfg *cf
                 break;
             }
             n_live++;
+            if (j->dump_dir && b0 + i == 0 &&
+                ckv_engine_seq_dump_qkv(E->e, seqs[i], j->dump_dir, j->dump_layers,
+                                        j->n_dump_layers, err, sizeof(err)) < 0) {
+                fprintf(stderr, "ckv eval: %s: --dump-qkv: %s\n", j->what, err);
+                rc = -EIO;
+                break;
+            }
             if (j->keep_nll && !(res[b0 + i].nll = calloc(j->n_forced, sizeof(float))))
                 rc = -ENOMEM;
             if (!rc)
@@ -578,6 +583,10 @@ static int ppl_run(struct eval *E, const char *prefix, struct doc *docs, int n_d
         for (int i = 0; i < n_cfg && json_all; i++) {
             json_key(key, sizeof(key), prefix, cfgs[i].method, cfgs[i].budget);
             ckv_eval_json_num(&E->json, &E->json_first, key, exp(sum_ppl[i] / done_docs));
+            if (cfgs[i].kv.method == CKV_KV_CLUSTERKV) {
+                json_key(key, sizeof(key), "cache_hit", cfgs[i].method, cfgs[i].budget);
+                ckv_eval_json_num(&E->json, &E->json_first, key, hit_rate(&res[i].kv));
+            }
         }
         /* plots: ppl against budget per method (full as a line), per document */
         for (int d = 0; d < done_docs && strcmp(prefix, "ppl") == 0; d++) {
@@ -929,11 +938,12 @@ static int attn_read_csv(struct eval *E, const char *csv)
     return 0;
 }
 
-/* Runs `ckv run --dump-qkv` (a child process: the run is the engine's own, with its
- * defaults) on the first document, then `ckv eval-attn` in-process on the dumps. */
+/* Dumps Q/K/V of a full-attention run (greedy, --attn-steps steps after the first
+ * --attn-ctx tokens of the first document; the engine's own dump, docs/QKV_DUMP.md), then
+ * runs `ckv eval-attn` in-process on the dumps with the engine's ClusterKV parameters. */
 static int cmd_attn(struct eval *E, const char *budgets)
 {
-    char dump[600], text[600], outdir[600];
+    char dump[600], outdir[600], cmd[1300];
     snprintf(dump, sizeof(dump), "%s/qkv", E->o.out);
     snprintf(outdir, sizeof(outdir), "%s/attn", E->o.out);
     int rc = mkdir_p(dump);
@@ -943,46 +953,45 @@ static int cmd_attn(struct eval *E, const char *budgets)
         fprintf(stderr, "ckv eval: %s: %s\n", dump, strerror(-rc));
         return rc;
     }
-    /* the prompt: the first attn_ctx tokens of the first document, as text */
+    int layers[64], n_layers;
+    if (ckv_eval_parse_ints(E->o.attn_layers, 0, ckv_engine_info(E->e)->n_layers - 1, layers, 64,
+                            &n_layers)) {
+        fprintf(stderr, "ckv eval: --attn-layers: layer indices below %d\n",
+                ckv_engine_info(E->e)->n_layers);
+        return -EINVAL;
+    }
+    /* old dumps would be averaged in */
+    snprintf(cmd, sizeof(cmd), "rm -f '%s'/layer-*.qkv", dump);
+    if (system(cmd) != 0)
+        fprintf(stderr, "ckv eval: could not clear %s\n", dump);
     struct doc docs[MAX_DOCS];
     int n_docs = 0;
     if ((rc = docs_load(E, docs, &n_docs, E->o.attn_ctx)))
         return rc;
-    struct ckv_buf t = {0};
-    rc = tokenizer_decode(E->tok, docs[0].tokens, docs[0].n, false, &t);
-    docs_free(docs, n_docs);
-    snprintf(text, sizeof(text), "%s/prompt.txt", dump);
-    FILE *f = rc ? NULL : fopen(text, "w");
-    if (!f) {
-        ckv_buf_free(&t);
-        fprintf(stderr, "ckv eval: %s: %s\n", text, rc ? ckv_strerror(rc) : strerror(errno));
-        return rc ? rc : -errno;
-    }
-    fwrite(t.data, 1, t.len, f);
-    fclose(f);
-    ckv_buf_free(&t);
-    /* old dumps would be averaged in */
-    char cmd[2048];
-    snprintf(cmd, sizeof(cmd), "rm -f '%s'/layer-*.qkv", dump);
-    if (system(cmd) != 0)
-        fprintf(stderr, "ckv eval: could not clear %s\n", dump);
-    snprintf(cmd, sizeof(cmd),
-             "'%s' run --model '%s' --prompt-file '%s' --raw --max-tokens %d --temperature 0 "
-             "--method full --dump-qkv '%s' --dump-layers '%s' --threads %d > '%s/run.log' 2>&1",
-             E->o.ckv_bin[0] ? E->o.ckv_bin : E->self, E->o.model, text, E->o.attn_steps, dump,
-             E->o.attn_layers, E->o.threads, dump);
-    fprintf(stderr, "attn: %s\n", cmd);
+    struct run_cfg full;
+    struct ckv_eval_method m;
+    ckv_eval_method_parse("full", &m);
+    struct seq_result *res = calloc(1, sizeof(*res));
+    rc = res ? cfg_make(E, &m, 0, &full) : -ENOMEM;
+    struct job j = {.prompt = docs[0].tokens,
+                    .n_prompt = CKV_MIN(docs[0].n, E->max_ctx - E->o.attn_steps),
+                    .n_free = CKV_MIN(E->o.attn_steps, MAX_GEN),
+                    .what = "attn dump",
+                    .dump_dir = dump,
+                    .dump_layers = layers,
+                    .n_dump_layers = n_layers};
     uint64_t t0 = ckv_now_ns();
-    int st = system(cmd);
-    if (st != 0) {
-        fprintf(stderr, "ckv eval: the dump run failed (status %d): see %s/run.log\n", st, dump);
-        return -EIO;
-    }
-    fprintf(stderr, "attn: dump run %.1f s\n", ckv_elapsed_s(t0));
+    if (!rc)
+        rc = run_job(E, &j, &full, 1, res);
+    free(res);
+    docs_free(docs, n_docs);
+    if (rc)
+        return rc;
+    fprintf(stderr, "attn: dumped layers %s of %s (%d + %d tokens) in %.1f s\n", E->o.attn_layers,
+            docs[0].name, j.n_prompt, j.n_free, ckv_elapsed_s(t0));
     /* ckv eval-attn in-process, with the engine's ClusterKV parameters */
     char a_sinks[16], a_window[16], a_tpc[16], a_wc[16], a_it[16], a_th[16];
     struct run_cfg c;
-    struct ckv_eval_method m;
     ckv_eval_method_parse("clusterkv", &m);
     if ((rc = cfg_make(E, &m, 256, &c)))
         return rc;
@@ -1005,7 +1014,8 @@ static int cmd_attn(struct eval *E, const char *budgets)
                     a_it,        "--threads",
                     a_th,        NULL};
     fflush(stdout);
-    st = ckv_cmd_eval_attn((int)(sizeof(argv) / sizeof(argv[0])) - 1, argv);
+    int st = ckv_cmd_eval_attn((int)(sizeof(argv) / sizeof(argv[0])) - 1, argv);
+    fflush(stdout);
     if (st != 0)
         return -EIO;
     char csv[700];
@@ -1173,8 +1183,6 @@ int ckv_cmd_eval(int argc, char **argv)
         fprintf(stderr, "ckv eval: --out %s: %s\n", E.o.out, strerror(-rc));
         return 1;
     }
-    ssize_t sl = readlink("/proc/self/exe", E.self, sizeof(E.self) - 1);
-    E.self[sl > 0 ? sl : 0] = 0;
     if (E.o.quick) {
         E.o.ppl_max_tokens = CKV_MIN(E.o.ppl_max_tokens, 3072);
         E.o.attn_ctx = CKV_MIN(E.o.attn_ctx, 2048);
@@ -1189,26 +1197,14 @@ int ckv_cmd_eval(int argc, char **argv)
     eo.n_threads = E.o.threads;
     eo.max_seqs = E.o.batch;
     uint64_t t0 = ckv_now_ns();
-    if (strcmp(sub, "attn") != 0) {
-        if ((rc = ckv_engine_open(&eo, &E.e, err, sizeof(err)))) {
-            fprintf(stderr, "ckv eval: %s\n", err);
-            return 1;
-        }
-        E.tok = ckv_engine_tokenizer(E.e);
-        E.n_vocab = ckv_engine_info(E.e)->n_vocab;
-        E.max_ctx = eo.max_ctx > 0 ? eo.max_ctx : ckv_engine_info(E.e)->n_ctx_train;
-        E.kv_default = eo.kv;
-    } else {
-        /* attn needs the tokenizer only: the run is a child process */
-        eo.max_seqs = 1;
-        if ((rc = ckv_engine_open(&eo, &E.e, err, sizeof(err)))) {
-            fprintf(stderr, "ckv eval: %s\n", err);
-            return 1;
-        }
-        E.tok = ckv_engine_tokenizer(E.e);
-        E.max_ctx = ckv_engine_info(E.e)->n_ctx_train;
-        E.kv_default = eo.kv;
+    if ((rc = ckv_engine_open(&eo, &E.e, err, sizeof(err)))) {
+        fprintf(stderr, "ckv eval: %s\n", err);
+        return 1;
     }
+    E.tok = ckv_engine_tokenizer(E.e);
+    E.n_vocab = ckv_engine_info(E.e)->n_vocab;
+    E.max_ctx = eo.max_ctx > 0 ? eo.max_ctx : ckv_engine_info(E.e)->n_ctx_train;
+    E.kv_default = eo.kv;
     E.logits = malloc(sizeof(float) * (size_t)E.o.batch * (E.n_vocab ? E.n_vocab : 1));
     if (!E.logits) {
         ckv_engine_close(&E.e);
