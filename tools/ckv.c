@@ -14,6 +14,7 @@ struct ckv_cmd {
 };
 
 static const struct ckv_cmd cmds[] = {
+    {"run", ckv_cmd_run, "generate text with a GGUF model in this process (ClusterKV by default)"},
     {"version", ckv_cmd_version, "print the version and the build's backends"},
     {"stats", ckv_cmd_stats, "print the stats of a running daemon (key:value or Prometheus)"},
     {"eval-attn", ckv_cmd_eval_attn,

@@ -67,6 +67,12 @@ int ckv_engine_seq_len(const ckv_engine_t *e, int seq);
 /* The sequence's KV manager (evaluation, statistics). */
 ckv_kvcache_t *ckv_engine_seq_kv(ckv_engine_t *e, int seq);
 
+/* Dumps Q/K/V of the given layers of a new (empty) sequence into DIR/layer-LL.qkv
+ * (docs/QKV_DUMP.md, f32): the prompt's K/V when prefill ends, then one record per decode
+ * step. DIR is created when missing. Returns 0, -EINVAL (err says why), -ENOMEM or -errno. */
+int ckv_engine_seq_dump_qkv(ckv_engine_t *e, int seq, const char *dir, const int *layers,
+                            int n_layers, char *err, size_t errlen);
+
 /* Called after every prefill chunk: tokens done of total. */
 typedef void (*ckv_progress_fn)(void *arg, int done, int total);
 

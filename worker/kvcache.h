@@ -12,7 +12,22 @@
  *              clustered tokens number at most `budget` use full attention.
  *   quest      16-token pages of consecutive tokens, min/max key bounds, top budget/16 pages,
  *              the current page always (ALGORITHM.md section 6); first full_layers full.
- *   streaming  sinks + the most recent `budget` tokens (StreamingLLM).
+ *   streaming  sinks + the most recent `budget` tokens (StreamingLLM); the first full_layers
+ *              are full here too, so that the baselines compare at equal terms (full_layers 0
+ *              gives the original StreamingLLM).
+ *
+ * ClusterKV's window right after prefill (n prompt tokens): the last min(n - sinks, window / 2)
+ * prompt tokens stay unclustered in the window, attended in full, because the first generated
+ * tokens depend most on the end of the prompt; the window is clustered once it holds `window`
+ * tokens (the first time after window - window / 2 steps, then every `window` steps). Clusters
+ * of the prompt are written to the store and recalled on demand; window clusters are written
+ * and also kept in the cache. cache_blocks is a soft limit: the clusters one layer attends in
+ * one step are never evicted during that step, the cache grows instead.
+ *
+ * Memory: every layer also keeps its whole K/V contiguous (max_ctx tokens, KV dtype): prefill
+ * attention, the full layers, k-means of the windows and streaming read it. The sparse paths
+ * attend only their blocks (clusterkv: sinks, window and the cluster cache; quest: a copy of
+ * every page in block layout).
  *
  * Usage per sequence: for each prefill chunk and layer, ckv_kvcache_append() the chunk's K/V
  * (post-RoPE) then ckv_kvcache_attn_prefill() (causal, full attention over everything cached:
@@ -72,7 +87,10 @@ struct ckv_kv_geom {
     int max_ctx; /* tokens the sequence may hold */
 };
 
-/* Counters since creation (the engine sums them over sequences). */
+/* Counters since creation (the engine sums them over sequences). A selection unit is a KV
+ * head, or a query head for CKV_SELECT_PER_QHEAD; the full layers count as attending every
+ * token per unit. Cache hits and misses count each cluster once per layer step (query heads
+ * of a group selecting the same cluster make one lookup); bytes are its blocks' bytes. */
 struct ckv_kv_stats {
     uint64_t decode_attn_calls;
     uint64_t attended_tokens;   /* tokens attended, summed over calls and selection units */
@@ -106,14 +124,18 @@ int ckv_kvcache_append(ckv_kvcache_t *kv, int layer, const float *k, const float
 int ckv_kvcache_attn_prefill(ckv_kvcache_t *kv, int layer, const float *q, int n, float *out);
 
 /* Ends the prompt: clusterkv clusters every layer >= full_layers and writes the clusters to
- * the store; quest builds its page bounds. Idempotent for methods that need nothing. */
+ * the store; quest builds its page bounds. Idempotent (a second call does nothing). A
+ * sequence that decodes without it attends in full (streaming excepted). After an error
+ * (store full, -ENOMEM) the sequence should be freed. */
 int ckv_kvcache_end_prefill(ckv_kvcache_t *kv);
 
 /* Attention of the one token just appended to layer, by the method: q, out (n_q_heads,
  * head_dim) f32. */
 int ckv_kvcache_attn_decode(ckv_kvcache_t *kv, int layer, const float *q, float *out);
 
-/* After every layer of a decode step: clusterkv clusters a full window. */
+/* After every layer of a decode step: clusterkv clusters a full window into window_clusters
+ * clusters per (layer >= full_layers, KV head), one store put per layer. Until it is called
+ * a full window refuses more tokens (ckv_kvcache_append: -EINVAL). */
 int ckv_kvcache_end_step(ckv_kvcache_t *kv);
 
 void ckv_kvcache_stats(const ckv_kvcache_t *kv, struct ckv_kv_stats *out);

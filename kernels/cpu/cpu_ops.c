@@ -22,6 +22,12 @@
 #include "cpu_backend.h"
 #include "cpu_ops.h"
 
+#ifdef CKV_HAVE_OPENBLAS
+#include <cblas.h>
+#include <pthread.h>
+void openblas_set_num_threads(int n);
+#endif
+
 #define MM_X_BYTES  (24u << 10)  /* activation tile: stays in L1 (32-48 KiB) beside a weight row */
 #define MM_W_BYTES  (256u << 10) /* weight slice: stays in L2 while the activation tiles pass */
 #define MM_MIN_ROWS 16           /* fewest weight rows per task: pool overhead stays small */
@@ -86,6 +92,11 @@ static inline int is_quant(enum ckv_wtype t)
     return t == CKV_W_Q4_0 || t == CKV_W_Q4_1 || t == CKV_W_Q8_0;
 }
 
+/* 1.5 * 2^23: adding and subtracting it rounds a float of magnitude < 2^22 to an integer,
+ * to nearest even in the default rounding mode (nearbyintf's result, without its libm call,
+ * and vectorisable). */
+#define ROUND_MAGIC 12582912.0f
+
 /* Quantizes one row of cols (a multiple of 32) f32 values to cols/32 blocks. The scale is the
  * one of llama.cpp's activations (d = max|x|/127, q = round(x * 127/max|x|), ties to even as
  * its SIMD paths round); NaN quantizes to 0 rather than to an undefined integer. */
@@ -99,13 +110,18 @@ static void quantize_row_q8(const float *x, int cols, struct cpu_q8 *out)
             amax = a > amax ? a : amax;
         }
         float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sum = 0;
+        float qf[CPU_QK];
         for (int j = 0; j < CPU_QK; j++) {
             float v = xb[j] * id;
-            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v == v ? v : 0.0f;
-            int q = (int)nearbyintf(v);
-            out[b].q[j] = (int8_t)q;
-            sum += q;
+            v = v > 127.0f ? 127.0f : v;
+            v = v < -127.0f ? -127.0f : v;
+            v = v == v ? v : 0.0f;
+            qf[j] = (v + ROUND_MAGIC) - ROUND_MAGIC;
+        }
+        int sum = 0;
+        for (int j = 0; j < CPU_QK; j++) {
+            out[b].q[j] = (int8_t)(int)qf[j];
+            sum += (int)qf[j];
         }
         out[b].d = amax / 127.0f;
         out[b].s = out[b].d * (float)sum;
@@ -236,6 +252,43 @@ static void quant_task(void *arg, int task, int tid)
         quantize_row_q8(j->xf + (size_t)i * j->cols, j->cols, j->xq + (size_t)i * nb);
 }
 
+#ifdef CKV_HAVE_OPENBLAS
+/* f32 weights and at least this many activation rows go to OpenBLAS (see the file comment). */
+#define MM_BLAS_MIN_N 32
+
+/* One task's rows through cblas_sgemm: y[:, r0:r1] = x . W[r0:r1]^T. */
+static void blas_task(void *arg, int task, int tid)
+{
+    (void)tid;
+    const struct mm_job *j = arg;
+    int r0 = task * j->rows_per_task;
+    int nr = CKV_MIN(j->rows_per_task, j->rows - r0);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, j->n, nr, j->cols, 1.0f,
+                (const float *)j->x, j->cols, (const float *)(j->w + (size_t)r0 * j->row_bytes),
+                (int)(j->row_bytes / sizeof(float)), 0.0f, j->y + r0, j->rows);
+}
+
+/* OpenBLAS runs single-threaded inside our pool's tasks: its own threads would compete with
+ * the pool's (which spin between jobs) for the same cores. Process-wide, set once. */
+static int blas_on = 1;
+
+static void blas_init(void)
+{
+    openblas_set_num_threads(1);
+    const char *e = getenv("CKV_OPS_BLAS"); /* "0": our kernel for every size (comparisons) */
+    blas_on = !(e && strcmp(e, "0") == 0);
+}
+
+static int use_blas(const struct cpu_backend *cb, const struct ckv_weight *w, int n)
+{
+    /* not on the portable ISA: OpenBLAS picks its own instructions, and the portable context
+     * promises to run none beyond the baseline (valgrind) */
+    return cb->isa != CKV_ISA_PORTABLE && w->type == CKV_W_F32 && n >= MM_BLAS_MIN_N &&
+           w->row_bytes % sizeof(float) == 0 && w->row_bytes / sizeof(float) <= INT32_MAX &&
+           (size_t)w->rows * n <= INT32_MAX;
+}
+#endif
+
 static cpu_mm_fn mm_of(const struct cpu_backend *cb)
 {
     cpu_mm_fn f = cb->isa == CKV_ISA_AVX512 ? cpu_ops_mm_avx512
@@ -282,6 +335,15 @@ int cpu_matmul(struct ckv_ctx *ctx, const struct ckv_weight *w, const float *x, 
     per = CKV_MAX(per, MM_MIN_ROWS);
     per = (per + 3) & ~3; /* whole groups of 4 rows for the SIMD kernels */
     j.rows_per_task = per;
+#ifdef CKV_HAVE_OPENBLAS
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    if (use_blas(cb, w, n) && (pthread_once(&once, blas_init), blas_on)) {
+        /* one sgemm per thread: OpenBLAS blocks its own loops, more calls only add packing */
+        j.rows_per_task = (w->rows + n_threads - 1) / n_threads;
+        cpu_pool_run(cb->pool, (w->rows + j.rows_per_task - 1) / j.rows_per_task, blas_task, &j);
+        return 0;
+    }
+#endif
     cpu_pool_run(cb->pool, (w->rows + per - 1) / per, mm_task, &j);
     free(xq);
     return 0;

@@ -59,6 +59,11 @@ extern const cpu_mm_fn cpu_ops_mm_portable;
 extern const cpu_mm_fn cpu_ops_mm_avx2;
 extern const cpu_mm_fn cpu_ops_mm_avx512;
 
+/* The AVX2 quantized kernel (the quantized part of cpu_ops_mm_avx2), which the AVX-512 table
+ * uses on a CPU without VNNI. */
+void cpu_ops_mm_q_avx2(enum ckv_wtype t, const void *w, size_t row_bytes, int n_w, const void *x,
+                       size_t x_stride, int n_x, int cols, float *y, size_t ldy);
+
 /* Entry points (arguments already checked by kernels/ops.c, ctx is a CPU context). */
 int cpu_matmul(struct ckv_ctx *ctx, const struct ckv_weight *w, const float *x, int n, float *y);
 int cpu_get_rows(struct ckv_ctx *ctx, const struct ckv_weight *w, const int32_t *ids, int n,

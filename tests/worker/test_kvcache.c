@@ -7,6 +7,7 @@
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -194,10 +195,11 @@ static void fx_prefill(struct fx *f, int n, int chunk)
     free(ref);
 }
 
-/* One decode step: appends a token to every layer, decodes it with q; out/ref per layer
- * receive the method's output and the full-attention reference when not NULL. Returns the
- * largest relative error against full attention over all layers. */
-static float fx_step(struct fx *f, float *q_out)
+/* One decode step: appends a token to every layer and decodes it with a random query (or
+ * q_in's, per layer, when not NULL). q_out / out (n_layers, n_q_heads, head_dim) receive the
+ * queries and the method's outputs when not NULL. Returns the largest relative error against
+ * full attention over the layers. */
+static float fx_step_q(struct fx *f, const float *q_in, float *q_out, float *o_out)
 {
     int row = f->g.n_kv_heads * f->g.head_dim, qrow = f->g.n_q_heads * f->g.head_dim;
     float k[row], v[row], q[qrow], out[qrow], ref[qrow];
@@ -206,7 +208,10 @@ static float fx_step(struct fx *f, float *q_out)
     for (int l = 0; l < f->g.n_layers; l++) {
         fx_make_kv(f, l, pos, 1, k, v);
         cr_assert_eq(ckv_kvcache_append(f->kv, l, k, v, 1), 0);
-        rand_q(f, q);
+        if (q_in)
+            memcpy(q, q_in + (size_t)l * qrow, sizeof(q));
+        else
+            rand_q(f, q);
         int rc = ckv_kvcache_attn_decode(f->kv, l, q, out);
         cr_assert_eq(rc, 0, "attn_decode layer %d: %d", l, rc);
         ref_full(f, l, q, pos + 1, ref);
@@ -215,9 +220,16 @@ static float fx_step(struct fx *f, float *q_out)
             worst = e;
         if (q_out)
             memcpy(q_out + (size_t)l * qrow, q, sizeof(q));
+        if (o_out)
+            memcpy(o_out + (size_t)l * qrow, out, sizeof(out));
     }
     cr_assert_eq(ckv_kvcache_end_step(f->kv), 0);
     return worst;
+}
+
+static float fx_step(struct fx *f, float *q_out)
+{
+    return fx_step_q(f, NULL, q_out, NULL);
 }
 
 static const struct ckv_kv_geom geom_small = {
@@ -344,4 +356,324 @@ Test(kvcache, bad_options_are_einval)
     o.method = CKV_KV_FULL;
     cr_assert_eq(ckv_kvcache_new(ctx, &g, &o, NULL, 1, &kv, err, sizeof(err)), -EINVAL);
     ckv_ctx_destroy(&ctx);
+}
+
+static const struct ckv_kv_geom geom_ckv = {
+    .n_layers = 4, .n_q_heads = 4, .n_kv_heads = 2, .head_dim = 32, .max_ctx = 2048};
+
+static struct ckv_kv_opts opts_of(enum ckv_kv_method m, int budget)
+{
+    struct ckv_kv_opts o;
+    ckv_kv_opts_default(&o);
+    o.method = m;
+    o.budget = budget;
+    o.window = 32;
+    o.window_clusters = 4;
+    o.tokens_per_cluster = 20;
+    return o;
+}
+
+/* With a budget above the context every method is full attention (to f16 rounding): for
+ * clusterkv through the prompt's clusters, the window and, after window clustering, the
+ * windows' clusters, each selection mode. */
+static void check_large_budget(enum ckv_kv_method m, enum ckv_select_mode mode, int cache_blocks)
+{
+    struct ckv_kv_opts o = opts_of(m, 4096);
+    o.select_mode = mode;
+    o.cache_blocks = cache_blocks;
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    fx_prefill(&f, 300, 128);
+    for (int s = 0; s < 70; s++) {
+        float e = fx_step(&f, NULL);
+        cr_assert_lt(e, 2e-3f, "%s mode %d step %d: error %g", ckv_kv_method_name(m), (int)mode, s,
+                     e);
+    }
+    struct ckv_kv_stats st;
+    ckv_kvcache_stats(f.kv, &st);
+    cr_assert_eq(st.decode_attn_calls, 70 * 4);
+    if (m == CKV_KV_CLUSTERKV) {
+        /* 2 sparse layers x 2 heads: the prompt's clusters (<= 14 each, k-means may drop
+         * empty ones) and two windows of 4 (steps 15 and 47) */
+        cr_assert_geq(st.clusters_made, 2 * 2 * (10 + 2 * 4), "%llu",
+                      (unsigned long long)st.clusters_made);
+        cr_assert_leq(st.clusters_made, 2 * 2 * (14 + 2 * 4));
+        if (cache_blocks == 0) {
+            /* unbounded: every prompt cluster missed once, window clusters were cached when
+             * made, everything else hit */
+            cr_assert_eq(st.cache_misses, st.clusters_made - 2 * 2 * 2 * 4);
+            cr_assert_gt(st.cache_hits, 0);
+        } else {
+            /* smaller than a layer's selection: every lookup misses, one get per sparse
+             * layer and step */
+            cr_assert_eq(st.cache_hits, 0);
+        }
+        struct ckv_block_store_mem_stats ms;
+        cr_assert_eq(ckv_block_store_mem_stats(f.store, &ms), 0);
+        cr_assert_eq(ms.clusters, st.clusters_made);
+        /* one put per layer: after prefill and at each window */
+        cr_assert_eq(ms.puts, 2 * 3);
+        size_t bb = ckv_block_bytes(32, CKV_DTYPE_F16);
+        cr_assert_eq(st.cache_miss_bytes % bb, 0);
+        cr_assert_geq(st.cache_miss_bytes, st.cache_misses * bb);
+        if (cache_blocks)
+            cr_assert_eq(ms.gets, 70 * 2);
+        printf("clusterkv mode %d cache %d: made %llu hits %llu misses %llu gets %llu\n", (int)mode,
+               cache_blocks, (unsigned long long)st.clusters_made,
+               (unsigned long long)st.cache_hits, (unsigned long long)st.cache_misses,
+               (unsigned long long)ms.gets);
+    }
+    fx_close(&f);
+}
+
+Test(kvcache, clusterkv_large_budget_is_full)
+{
+    check_large_budget(CKV_KV_CLUSTERKV, CKV_SELECT_KVHEAD_SUM, 0);
+    check_large_budget(CKV_KV_CLUSTERKV, CKV_SELECT_KVHEAD_MAX, 0);
+    check_large_budget(CKV_KV_CLUSTERKV, CKV_SELECT_PER_QHEAD, 0);
+}
+
+Test(kvcache, clusterkv_tiny_cache_is_still_exact)
+{
+    /* a cache far smaller than one layer's selection: evictions every step, same result */
+    check_large_budget(CKV_KV_CLUSTERKV, CKV_SELECT_KVHEAD_SUM, 4);
+}
+
+Test(kvcache, quest_streaming_large_budget_is_full)
+{
+    check_large_budget(CKV_KV_QUEST, CKV_SELECT_KVHEAD_SUM, 0);
+    check_large_budget(CKV_KV_QUEST, CKV_SELECT_PER_QHEAD, 0);
+    check_large_budget(CKV_KV_STREAMING, CKV_SELECT_KVHEAD_SUM, 0);
+}
+
+/* clusterkv with a small budget attends exactly sinks + min(budget, clustered) + window
+ * tokens per selection unit in the sparse layers, everything in the full ones. */
+static void check_small_budget(enum ckv_select_mode mode)
+{
+    struct ckv_kv_opts o = opts_of(CKV_KV_CLUSTERKV, 64);
+    o.select_mode = mode;
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    fx_prefill(&f, 300, 100);
+    int units = mode == CKV_SELECT_PER_QHEAD ? 4 : 2;
+    /* after the prompt: 16 sinks, window of 32 / 2 = 16 tokens, 268 clustered */
+    int n = 300, nwin = 16, clustered = 268;
+    struct ckv_kv_stats st0, st1;
+    float worst = 0;
+    for (int s = 0; s < 60; s++) {
+        ckv_kvcache_stats(f.kv, &st0);
+        float e = fx_step(&f, NULL);
+        worst = e > worst ? e : worst;
+        ckv_kvcache_stats(f.kv, &st1);
+        n++;
+        nwin++;
+        uint64_t want = 2 * (uint64_t)units * n +
+                        2 * (uint64_t)units * (16 + (clustered < 64 ? clustered : 64) + nwin);
+        cr_assert_eq(st1.attended_tokens - st0.attended_tokens, want, "step %d: %llu, want %llu", s,
+                     (unsigned long long)(st1.attended_tokens - st0.attended_tokens),
+                     (unsigned long long)want);
+        cr_assert_geq(st1.clusters_selected - st0.clusters_selected, 2 * units * 1);
+        if (nwin == 32) {
+            /* the full window was clustered at the end of this step */
+            cr_assert_eq(st1.clusters_made - st0.clusters_made, 2 * 2 * 4, "step %d", s);
+            clustered += 32;
+            nwin = 0;
+        } else {
+            cr_assert_eq(st1.clusters_made, st0.clusters_made, "step %d", s);
+        }
+    }
+    /* 64 of ~300 tokens: not full attention any more (a sanity check that it is sparse) */
+    cr_assert_gt(worst, 1e-2f);
+    fx_close(&f);
+}
+
+Test(kvcache, clusterkv_small_budget_attends_budget)
+{
+    check_small_budget(CKV_SELECT_KVHEAD_SUM);
+    check_small_budget(CKV_SELECT_PER_QHEAD);
+}
+
+Test(kvcache, clusterkv_repeated_query_hits_cache)
+{
+    struct ckv_kv_opts o = opts_of(CKV_KV_CLUSTERKV, 64);
+    o.window = 64; /* no window clustering within these steps */
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    fx_prefill(&f, 400, 200);
+    int qrow = geom_ckv.n_q_heads * geom_ckv.head_dim;
+    float *q = malloc(sizeof(float) * (size_t)qrow * geom_ckv.n_layers);
+    for (int i = 0; i < qrow * geom_ckv.n_layers; i++)
+        q[i] = rng_normal(&f.rng);
+    struct ckv_kv_stats a, b;
+    fx_step_q(&f, q, NULL, NULL);
+    ckv_kvcache_stats(f.kv, &a);
+    cr_assert_eq(a.cache_hits, 0);
+    cr_assert_gt(a.cache_misses, 0);
+    /* KV-head units of distinct heads never share a cluster: misses == clusters selected */
+    cr_assert_eq(a.cache_misses, a.clusters_selected);
+    for (int s = 0; s < 10; s++)
+        fx_step_q(&f, q, NULL, NULL);
+    ckv_kvcache_stats(f.kv, &b);
+    cr_assert_eq(b.cache_misses, a.cache_misses, "the same query selects the same clusters");
+    cr_assert_eq(b.cache_hits, 10 * a.clusters_selected);
+    cr_assert_eq(b.cache_hit_bytes, 10 * a.cache_miss_bytes);
+    free(q);
+    fx_close(&f);
+}
+
+Test(kvcache, clusterkv_short_prompt)
+{
+    /* a prompt shorter than the sinks: the first decoded tokens are sinks, then the window
+     * fills and is clustered; still full attention at a large budget */
+    struct ckv_kv_opts o = opts_of(CKV_KV_CLUSTERKV, 4096);
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    fx_prefill(&f, 5, 5);
+    for (int s = 0; s < 80; s++)
+        cr_assert_lt(fx_step(&f, NULL), 2e-3f, "step %d", s);
+    struct ckv_kv_stats st;
+    ckv_kvcache_stats(f.kv, &st);
+    /* windows of 32 after 16 sinks: clustered at positions 48 and 80 */
+    cr_assert_eq(st.clusters_made, 2 * 2 * 2 * 4);
+    fx_close(&f);
+}
+
+Test(kvcache, streaming_is_sinks_plus_recent)
+{
+    struct ckv_kv_opts o = opts_of(CKV_KV_STREAMING, 64);
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    fx_prefill(&f, 200, 64);
+    int qrow = geom_ckv.n_q_heads * geom_ckv.head_dim, d = geom_ckv.head_dim;
+    float *q = malloc(sizeof(float) * (size_t)qrow * geom_ckv.n_layers);
+    float *out = malloc(sizeof(float) * (size_t)qrow * geom_ckv.n_layers);
+    float ref[qrow];
+    int pos[16 + 64];
+    for (int s = 0; s < 5; s++) {
+        fx_step_q(&f, NULL, q, out);
+        int n = ckv_kvcache_n_tokens(f.kv);
+        for (int i = 0; i < 16; i++)
+            pos[i] = i;
+        for (int i = 0; i < 64; i++)
+            pos[16 + i] = n - 64 + i;
+        for (int l = 0; l < geom_ckv.n_layers; l++) {
+            const float *ql = q + (size_t)l * qrow;
+            if (l < o.full_layers)
+                ref_full(&f, l, ql, n, ref);
+            else
+                for (int qh = 0; qh < geom_ckv.n_q_heads; qh++)
+                    ref_attn(&f, l, qh, ql + qh * d, pos, 80, ref + qh * d);
+            float e = rel_err(out + (size_t)l * qrow, ref, qrow);
+            cr_assert_lt(e, 2e-3f, "step %d layer %d: error %g", s, l, e);
+        }
+    }
+    free(q);
+    free(out);
+    fx_close(&f);
+}
+
+/* Quest's choice by a scalar reference: page bounds of the stored keys, page score
+ * sum_i max(q_i M_i, q_i m_i) per query head (folded by max or sum over a group for the KV
+ * head modes), top n_select with the last page forced in, ties to the lower page. */
+static void quest_ref_pages(const struct fx *f, int l, const float *q, int n, int unit,
+                            enum ckv_select_mode mode, int n_select, int *pages, int *count)
+{
+    int d = f->g.head_dim, G = f->g.n_q_heads / f->g.n_kv_heads, row = f->g.n_kv_heads * d;
+    int np = (n + 15) / 16;
+    int h = mode == CKV_SELECT_PER_QHEAD ? unit / G : unit;
+    int q0 = mode == CKV_SELECT_PER_QHEAD ? unit : h * G, nq = mode == CKV_SELECT_PER_QHEAD ? 1 : G;
+    double *score = malloc(sizeof(double) * np);
+    for (int p = 0; p < np; p++) {
+        double s = 0;
+        for (int r = 0; r < nq; r++) {
+            double v = 0;
+            for (int i = 0; i < d; i++) {
+                float mn = INFINITY, mx = -INFINITY;
+                for (int t = p * 16; t < n && t < p * 16 + 16; t++) {
+                    float x = f->k[l][(size_t)t * row + h * d + i];
+                    mn = x < mn ? x : mn;
+                    mx = x > mx ? x : mx;
+                }
+                double qi = q[(size_t)(q0 + r) * d + i], a = qi * mx, b = qi * mn;
+                v += a > b ? a : b;
+            }
+            if (r == 0)
+                s = v;
+            else
+                s = mode == CKV_SELECT_KVHEAD_MAX ? (v > s ? v : s) : s + v;
+        }
+        score[p] = s;
+    }
+    int k = n_select < np ? n_select : np, have_last = 0;
+    char *taken = calloc((size_t)np, 1);
+    for (int i = 0; i < k; i++) {
+        int best = -1;
+        for (int p = 0; p < np; p++)
+            if (!taken[p] && (best < 0 || score[p] > score[best]))
+                best = p;
+        taken[best] = 1;
+        pages[i] = best;
+        have_last |= best == np - 1;
+    }
+    if (!have_last)
+        pages[k - 1] = np - 1;
+    *count = k;
+    free(score);
+    free(taken);
+}
+
+static void check_quest(enum ckv_select_mode mode)
+{
+    struct ckv_kv_opts o = opts_of(CKV_KV_QUEST, 64);
+    o.select_mode = mode;
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    fx_prefill(&f, 250, 128);
+    int qrow = geom_ckv.n_q_heads * geom_ckv.head_dim, d = geom_ckv.head_dim;
+    int G = geom_ckv.n_q_heads / geom_ckv.n_kv_heads;
+    float *q = malloc(sizeof(float) * (size_t)qrow * geom_ckv.n_layers);
+    float *out = malloc(sizeof(float) * (size_t)qrow * geom_ckv.n_layers);
+    float ref[qrow];
+    int units = mode == CKV_SELECT_PER_QHEAD ? 4 : 2;
+    for (int s = 0; s < 20; s++) {
+        struct ckv_kv_stats a, b;
+        ckv_kvcache_stats(f.kv, &a);
+        fx_step_q(&f, NULL, q, out);
+        ckv_kvcache_stats(f.kv, &b);
+        int n = ckv_kvcache_n_tokens(f.kv);
+        uint64_t attended = 0;
+        for (int l = 0; l < geom_ckv.n_layers; l++) {
+            const float *ql = q + (size_t)l * qrow;
+            if (l < o.full_layers) {
+                ref_full(&f, l, ql, n, ref);
+                attended += (uint64_t)units * n;
+            } else {
+                for (int u = 0; u < units; u++) {
+                    int pages[8], cnt, pos[8 * 16], np = 0;
+                    quest_ref_pages(&f, l, ql, n, u, mode, 4, pages, &cnt);
+                    for (int i = 0; i < cnt; i++)
+                        for (int t = pages[i] * 16; t < n && t < pages[i] * 16 + 16; t++)
+                            pos[np++] = t;
+                    attended += (uint64_t)np;
+                    int qh0 = mode == CKV_SELECT_PER_QHEAD ? u : u * G;
+                    int nqh = mode == CKV_SELECT_PER_QHEAD ? 1 : G;
+                    for (int qh = qh0; qh < qh0 + nqh; qh++)
+                        ref_attn(&f, l, qh, ql + qh * d, pos, np, ref + qh * d);
+                }
+            }
+            float e = rel_err(out + (size_t)l * qrow, ref, qrow);
+            cr_assert_lt(e, 2e-3f, "mode %d step %d layer %d: error %g", (int)mode, s, l, e);
+        }
+        cr_assert_eq(b.attended_tokens - a.attended_tokens, attended, "step %d", s);
+    }
+    free(q);
+    free(out);
+    fx_close(&f);
+}
+
+Test(kvcache, quest_pages_match_reference)
+{
+    check_quest(CKV_SELECT_PER_QHEAD);
+    check_quest(CKV_SELECT_KVHEAD_SUM);
+    check_quest(CKV_SELECT_KVHEAD_MAX);
 }
