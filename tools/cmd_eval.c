@@ -56,7 +56,7 @@ struct eval_opts {
     char ctx[128];
     char depths[128];
     char docs[1024];
-    char task[16];
+    int task; /* index into task_names */
     char sweep_methods[256];
     char attn_layers[128];
     int ppl_prefill, ppl_max_tokens, steps, gen_tokens, trials, threads, batch, sweep_budget;
@@ -74,7 +74,7 @@ static const struct ckv_config_opt eval_options[] = {
     CKV_OPT_STRING(struct eval_opts, out, "out", "out/eval", "directory for CSV, plots, dumps"),
     CKV_OPT_STRING(struct eval_opts, json, "json", "", "also write the headline numbers here"),
     CKV_OPT_BOOL(struct eval_opts, quick, "quick", "no", "the short run (under 2 minutes)"),
-    CKV_OPT_STRING(struct eval_opts, methods, "methods", "clusterkv-q,clusterkv-kv,quest,streaming",
+    CKV_OPT_STRING(struct eval_opts, methods, "methods", "clusterkv,clusterkv-q,quest,streaming",
                    "methods compared with full attention: clusterkv (engine default selection), "
                    "clusterkv-q, clusterkv-kv, clusterkv-kvsum, quest, streaming"),
     CKV_OPT_STRING(struct eval_opts, budgets, "budgets", "128,256,512,1024", "token budgets"),
@@ -324,17 +324,6 @@ static int cfgs_standard(const struct eval *E, struct run_cfg *cfgs, int *n)
             rc = cfg_make(E, &E->methods[m], E->budgets[b], &cfgs[(*n)++]);
     }
     return rc;
-}
-
-static const char *cfg_label(const struct run_cfg *c, char *buf, size_t cap)
-{
-    if (c->variant[0])
-        snprintf(buf, cap, "%s b%d %s", c->method, c->budget, c->variant);
-    else if (c->budget)
-        snprintf(buf, cap, "%s b%d", c->method, c->budget);
-    else
-        snprintf(buf, cap, "%s", c->method);
-    return buf;
 }
 
 /* A JSON key: prefix_method_bBUDGET with '-' -> '_' ("ppl_clusterkv_q_b512"). */
@@ -787,12 +776,12 @@ static int cmd_retrieval(struct eval *E)
     struct run_cfg cfgs[MAX_CFGS];
     int n_cfg = 0, rc = cfgs_standard(E, cfgs, &n_cfg);
     double full_acc = 0;
-    const char *t = E->o.task;
+    enum { T_AUTO, T_PASSKEY, T_COPY, T_BOTH } t = E->o.task;
     if (rc)
         return rc;
-    if (strcmp(t, "passkey") == 0 || strcmp(t, "both") == 0)
+    if (t == T_PASSKEY || t == T_BOTH)
         rc = retrieval_task(E, CKV_EVAL_PASSKEY, cfgs, n_cfg, &full_acc);
-    if (!rc && strcmp(t, "auto") == 0) {
+    if (!rc && t == T_AUTO) {
         /* full attention first: compare the methods on the pass key only if the model can
          * find it */
         rc = retrieval_task(E, CKV_EVAL_PASSKEY, cfgs, 1, &full_acc);
@@ -804,10 +793,10 @@ static int cmd_retrieval(struct eval *E)
             printf("full attention finds only %.0f%% of the pass keys: methods compared on the "
                    "copy task\n",
                    100 * full_acc);
-            t = "copy";
+            t = T_COPY;
         }
     }
-    if (!rc && (strcmp(t, "copy") == 0 || strcmp(t, "both") == 0))
+    if (!rc && (t == T_COPY || t == T_BOTH))
         rc = retrieval_task(E, CKV_EVAL_COPY, cfgs, n_cfg, &full_acc);
     return rc;
 }
