@@ -61,6 +61,8 @@ struct eval_opts {
     char attn_layers[128];
     int ppl_prefill, ppl_max_tokens, steps, gen_tokens, trials, threads, batch, sweep_budget;
     int sweep_tokens, attn_ctx, attn_steps, agree_ctx;
+    char sweep_dump[512];
+    bool sweep_ppl;
     int sinks, window, tokens_per_cluster, window_clusters, kmeans_iters, full_layers;
     char select_mode[16];
 };
@@ -103,10 +105,14 @@ static const struct ckv_config_opt eval_options[] = {
     CKV_OPT_INT(struct eval_opts, batch, "batch", "8", 1, 64, "sequences decoded per batch"),
     CKV_OPT_INT(struct eval_opts, sweep_budget, "sweep-budget", "256", 1, 1 << 20,
                 "sweep: the budget"),
-    CKV_OPT_INT(struct eval_opts, sweep_tokens, "sweep-tokens", "8192", 64, 1 << 20,
+    CKV_OPT_INT(struct eval_opts, sweep_tokens, "sweep-tokens", "3072", 64, 1 << 20,
                 "sweep: tokens of the first document"),
     CKV_OPT_STRING(struct eval_opts, sweep_methods, "sweep-base", "clusterkv",
                    "sweep: the ClusterKV variant the parameters are varied on"),
+    CKV_OPT_STRING(struct eval_opts, sweep_dump, "sweep-dump", "",
+                   "sweep: Q/K/V dumps for the recall sweep (default: OUT/qkv of `ckv eval attn`)"),
+    CKV_OPT_BOOL(struct eval_opts, sweep_ppl, "sweep-ppl", "yes",
+                 "sweep: also by perplexity (the model run; the recall sweep reads dumps only)"),
     CKV_OPT_STRING(struct eval_opts, attn_layers, "attn-layers", "2,8,15,22,29",
                    "attn: layers to dump"),
     CKV_OPT_INT(struct eval_opts, attn_ctx, "attn-ctx", "6144", 64, 1 << 20,
@@ -1014,6 +1020,146 @@ static int cmd_attn(struct eval *E, const char *budgets)
 
 /* ---- parameter sweep ---- */
 
+/* Runs `ckv eval-attn` in-process with its table and plot output silenced (stdout to
+ * /dev/null). Returns its exit status. */
+static int eval_attn_quiet(char **argv, int argc)
+{
+    fflush(stdout);
+    int saved = dup(STDOUT_FILENO);
+    FILE *null = fopen("/dev/null", "w");
+    if (saved >= 0 && null)
+        dup2(fileno(null), STDOUT_FILENO);
+    int st = ckv_cmd_eval_attn(argc, argv);
+    fflush(stdout);
+    if (saved >= 0) {
+        dup2(saved, STDOUT_FILENO);
+        close(saved);
+    }
+    if (null)
+        fclose(null);
+    return st;
+}
+
+/* The recall sweep: attention recall at the sweep budget on real Q/K/V dumps, one ClusterKV
+ * parameter varied at a time around the engine's defaults (ckv eval-attn replays the
+ * selection on the dumps: no model run). Writes sweep-recall.csv and a plot per parameter. */
+static int sweep_recall(struct eval *E, const char *dump, const struct run_cfg *def)
+{
+    static const char *const params[] = {"tokens-per-cluster", "kmeans-iter", "window", "sinks"};
+    static const int values[4][5] = {
+        {20, 40, 80, 160, 320}, {1, 5, 10, 20, 50}, {64, 160, 320, 640, 0}, {0, 4, 16, 64, 0}};
+    const int n_values[4] = {5, 5, 4, 4};
+    char path[700], outdir[700], budget[16], th[16];
+    FILE *f = out_open(E, "sweep-recall.csv", path, sizeof(path));
+    if (!f)
+        return -EIO;
+    fprintf(f, "param,value,method,budget,recall,out_rel_err,hit_rate_units\n");
+    snprintf(budget, sizeof(budget), "%d", E->o.sweep_budget);
+    snprintf(th, sizeof(th), "%d", E->o.threads);
+    printf("\nrecall sweep on the dumps in %s at budget %s (ckv eval-attn; one parameter "
+           "varied, the others at the defaults)\n\n| parameter | value | clusterkv-q | "
+           "clusterkv-kv | clusterkv-kvsum | quest | hit rate (kvsum) |\n"
+           "|---|---|---|---|---|---|---|\n",
+           dump, budget);
+    int rc = 0;
+    for (int p = 0; !rc && p < 4; p++) {
+        for (int v = 0; !rc && v < n_values[p]; v++) {
+            int val[4] = {def->kv.tokens_per_cluster, def->kv.kmeans_iters, def->kv.window,
+                          def->kv.sinks};
+            val[p] = values[p][v];
+            char a[4][16], wc[16];
+            for (int k = 0; k < 4; k++)
+                snprintf(a[k], sizeof(a[k]), "%d", val[k]);
+            snprintf(wc, sizeof(wc), "%d", def->kv.window_clusters);
+            snprintf(outdir, sizeof(outdir), "%s/sweep-attn/%s-%d", E->o.out, params[p],
+                     values[p][v]);
+            if ((rc = mkdir_p(outdir)))
+                break;
+            char *argv[] = {"eval-attn",
+                            "--dump",
+                            (char *)dump,
+                            "--out",
+                            outdir,
+                            "--budgets",
+                            budget,
+                            "--methods",
+                            "clusterkv-q,clusterkv-kv,clusterkv-kvsum,quest",
+                            "--tokens-per-cluster",
+                            a[0],
+                            "--kmeans-iter",
+                            a[1],
+                            "--window",
+                            a[2],
+                            "--sinks",
+                            a[3],
+                            "--window-clusters",
+                            wc,
+                            "--threads",
+                            th,
+                            NULL};
+            uint64_t t0 = ckv_now_ns();
+            if (eval_attn_quiet(argv, (int)(sizeof(argv) / sizeof(argv[0])) - 1) != 0) {
+                rc = -EIO;
+                break;
+            }
+            char csv[800], line[1024];
+            snprintf(csv, sizeof(csv), "%s/eval-attn.csv", outdir);
+            FILE *c = fopen(csv, "r");
+            double rec[4] = {NAN, NAN, NAN, NAN}, hit = NAN;
+            static const char *const ms[] = {"clusterkv-q", "clusterkv-kv", "clusterkv-kvsum",
+                                             "quest"};
+            while (c && fgets(line, sizeof(line), c)) {
+                char method[64];
+                int b;
+                double att, r, err, hu;
+                if (sscanf(line, "%63[^,],%d,%lf,%lf,%lf,%*[^,],%lf", method, &b, &att, &r, &err,
+                           &hu) != 6)
+                    continue;
+                for (int m = 0; m < 4; m++)
+                    if (strcmp(method, ms[m]) == 0) {
+                        rec[m] = r;
+                        if (m == 2)
+                            hit = hu;
+                    }
+                fprintf(f, "%s,%d,%s,%d,%.6f,%.6f,%.4f\n", params[p], values[p][v], method, b, r,
+                        err, hu);
+            }
+            if (c)
+                fclose(c);
+            fflush(f);
+            printf("| %s | %d | %.4f | %.4f | %.4f | %.4f | %.3f |\n", params[p], values[p][v],
+                   rec[0], rec[1], rec[2], rec[3], hit);
+            fflush(stdout);
+            fprintf(stderr, "  sweep %s=%d: %.1f s\n", params[p], values[p][v], ckv_elapsed_s(t0));
+        }
+    }
+    fclose(f);
+    if (rc)
+        return rc;
+    printf("\nwrote %s\n", path);
+    for (int p = 0; p < 4; p++) {
+        struct plot pl = {.csv = "sweep-recall.csv",
+                          .xcol = 2,
+                          .ycol = 5,
+                          .scol = 3,
+                          .fcol = 1,
+                          .fval = params[p],
+                          .xlabel = params[p],
+                          .ylabel = "attention recall",
+                          .series = {"clusterkv-q", "clusterkv-kv", "clusterkv-kvsum", "quest"},
+                          .n_series = 4,
+                          .logx = p < 2};
+        char name[64], title[160];
+        snprintf(name, sizeof(name), "sweep-recall-%s", params[p]);
+        snprintf(title, sizeof(title), "Attention recall at budget %d against %s",
+                 E->o.sweep_budget, params[p]);
+        pl.name = name;
+        pl.title = title;
+        plot_write(E, &pl);
+    }
+    return 0;
+}
+
 static int cmd_sweep(struct eval *E)
 {
     struct doc docs[MAX_DOCS];
@@ -1068,7 +1214,20 @@ static int cmd_sweep(struct eval *E)
             fprintf(stderr, "ckv eval: sweep %s: %s\n", cfgs[i].variant, err);
             rc = -EINVAL;
         }
-    if (!rc)
+    char dump[600];
+    struct stat st;
+    if (E->o.sweep_dump[0])
+        snprintf(dump, sizeof(dump), "%s", E->o.sweep_dump);
+    else
+        snprintf(dump, sizeof(dump), "%s/qkv", E->o.out);
+    if (!rc && stat(dump, &st) == 0)
+        rc = sweep_recall(E, dump, &def);
+    else if (!rc)
+        fprintf(stderr,
+                "ckv eval: sweep: no dumps in %s (run ckv eval attn first): recall "
+                "sweep skipped\n",
+                dump);
+    if (!rc && E->o.sweep_ppl)
         rc = ppl_run(E, "sweep", docs, 1, cfgs, n, 0);
     if (!rc) {
         /* the sweep's JSON: ppl relative to the default variant */
@@ -1214,13 +1373,13 @@ int ckv_cmd_eval(int argc, char **argv)
         rc = cmd_retrieval(&E);
     if (!rc && (all || strcmp(sub, "agree") == 0))
         rc = cmd_agree(&E);
-    if (!rc && (all || strcmp(sub, "sweep") == 0))
-        rc = cmd_sweep(&E);
     if (!rc && (all || strcmp(sub, "attn") == 0)) {
         char b[128];
         snprintf(b, sizeof(b), "%s", E.o.budgets);
         rc = cmd_attn(&E, b);
     }
+    if (!rc && (all || strcmp(sub, "sweep") == 0))
+        rc = cmd_sweep(&E);
     ckv_eval_json_num(&E.json, &E.json_first, "seconds", ckv_elapsed_s(t0));
     ckv_buf_printf(&E.json, "\n}\n");
     printf("\nckv eval %s: %.1f s\n", sub, ckv_elapsed_s(t0));
