@@ -258,3 +258,138 @@ Test(eval, prompts_tokenized, .timeout = 60)
     tokenizer_destroy(&tok);
     gguf_close(&g);
 }
+
+/* ---- `ckv eval` as a process, on the model (skipped without it) ---- */
+
+#include <sys/wait.h>
+
+static int run_ckv_eval(const char *log, char *const args[])
+{
+    char bin[512];
+    ckv_test_bin_path("ckv", bin, sizeof(bin));
+    char *argv[48] = {bin, "eval"};
+    int n = 2;
+    for (int i = 0; args[i] && n < 47; i++)
+        argv[n++] = args[i];
+    argv[n] = NULL;
+    pid_t pid = ckv_test_spawn(argv, log);
+    cr_assert_gt(pid, 0);
+    int status;
+    cr_assert_eq(ckv_test_wait(pid, 600000, &status), 0, "ckv eval did not finish");
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+}
+
+static const char *need_model(void)
+{
+    const char *model = ckv_test_default_model();
+    if (!model) {
+        cr_assert_null(getenv("CKV_REQUIRE_MODEL"), "default model missing");
+        cr_skip_test("default model not fetched (deploy/fetch-model.sh)");
+    }
+    return model;
+}
+
+struct ppl_row {
+    char method[32];
+    int budget;
+    long tokens;
+    double nll, ppl, rel, top1;
+};
+
+static int read_ppl_csv(const char *path, struct ppl_row *rows, int cap)
+{
+    FILE *f = fopen(path, "r");
+    cr_assert(f, "no %s", path);
+    char line[1024];
+    cr_assert(fgets(line, sizeof(line), f));
+    int n = 0;
+    while (n < cap && fgets(line, sizeof(line), f)) {
+        struct ppl_row *r = &rows[n++];
+        /* doc,method,budget,variant,prefill,tokens,mean_nll,ppl,ppl_rel_full,top1,... */
+        int got = sscanf(line, "%*[^,],%31[^,],%d,,%*d,%ld,%lf,%lf,%lf,%lf", r->method, &r->budget,
+                         &r->tokens, &r->nll, &r->ppl, &r->rel, &r->top1);
+        cr_assert_eq(got, 7, "bad CSV line: %s", line);
+    }
+    fclose(f);
+    return n;
+}
+
+/* Perplexity of a short text: at a budget above the context every method attends every
+ * token, so its perplexity is full attention's; ppl = exp(mean NLL); a tiny budget changes
+ * the numbers but keeps them finite. */
+Test(eval, ppl_run_invariants, .timeout = 900)
+{
+    need_model();
+    char dir[512], doc[600], out[600], log[600], csv[700], json[700];
+    cr_assert_eq(ckv_test_tmpdir(dir, sizeof(dir)), 0);
+    snprintf(doc, sizeof(doc), "%s/doc.txt", dir);
+    snprintf(out, sizeof(out), "%s/out", dir);
+    snprintf(log, sizeof(log), "%s/log", dir);
+    snprintf(json, sizeof(json), "%s/out.json", dir);
+    const char *text =
+        "The GNU General Public License is a free, copyleft license for software and other "
+        "kinds of works. The licenses for most software and other practical works are designed "
+        "to take away your freedom to share and change the works. By contrast, the GNU General "
+        "Public License is intended to guarantee your freedom to share and change all versions "
+        "of a program--to make sure it remains free software for all its users. We, the Free "
+        "Software Foundation, use the GNU General Public License for most of our software; it "
+        "applies also to any other work released this way by its authors.";
+    cr_assert_eq(ckv_test_write_file(doc, text, strlen(text)), 0);
+    /* the engine's default KV options: with other sinks or windows ClusterKV at a budget
+     * above the context differs from full attention (docs/EVALUATION.md, "Findings") */
+    char *a[] = {"ppl",
+                 "--docs",
+                 doc,
+                 "--ppl-prefill",
+                 "24",
+                 "--methods",
+                 "clusterkv,clusterkv-q,quest,streaming",
+                 "--budgets",
+                 "8,4096",
+                 "--threads",
+                 "1",
+                 "--out",
+                 out,
+                 "--json",
+                 json,
+                 NULL};
+    cr_assert_eq(run_ckv_eval(log, a), 0, "ckv eval ppl failed: see %s", log);
+    snprintf(csv, sizeof(csv), "%s/ppl.csv", out);
+    struct ppl_row r[16];
+    int n = read_ppl_csv(csv, r, 16);
+    cr_assert_eq(n, 1 + 4 * 2, "full + 4 methods x 2 budgets");
+    cr_assert_str_eq(r[0].method, "full");
+    cr_assert_gt(r[0].tokens, 50);
+    for (int i = 0; i < n; i++) {
+        cr_assert_eq(r[i].tokens, r[0].tokens);
+        cr_assert(r[i].ppl > 1 && r[i].ppl < 49152, "%s: ppl %g", r[i].method, r[i].ppl);
+        cr_assert_float_eq(r[i].ppl, exp(r[i].nll), 1e-3 * r[i].ppl);
+        cr_assert(r[i].top1 >= 0 && r[i].top1 <= 1);
+        if (r[i].budget == 4096)
+            cr_assert(fabs(r[i].rel) < 1e-3, "%s b4096: %+g vs full", r[i].method, r[i].rel);
+    }
+    /* the JSON carries the headline keys */
+    size_t len;
+    char *js = ckv_test_read_file(json, &len);
+    cr_assert_not_null(js);
+    cr_assert_not_null(strstr(js, "\"ppl_full\":"));
+    cr_assert_not_null(strstr(js, "\"ppl_clusterkv_b8\":"));
+    cr_assert_not_null(strstr(js, "\"ppl_quest_b4096\":"));
+    free(js);
+    ckv_test_rmrf(dir);
+}
+
+/* Bad options exit with status 2 and a message, without loading anything. */
+Test(eval, bad_options)
+{
+    char dir[512], log[600];
+    cr_assert_eq(ckv_test_tmpdir(dir, sizeof(dir)), 0);
+    snprintf(log, sizeof(log), "%s/log", dir);
+    char *a1[] = {"ppl", "--methods", "h2o", NULL};
+    cr_assert_eq(run_ckv_eval(log, a1), 2);
+    char *a2[] = {"ppl", "--budgets", "0,1", NULL};
+    cr_assert_eq(run_ckv_eval(log, a2), 2);
+    char *a3[] = {"nonsense", NULL};
+    cr_assert_eq(run_ckv_eval(log, a3), 2);
+    ckv_test_rmrf(dir);
+}
