@@ -62,6 +62,7 @@ struct eval_opts {
     int ppl_prefill, ppl_max_tokens, steps, gen_tokens, trials, threads, batch, sweep_budget;
     int sweep_tokens, attn_ctx, attn_steps, agree_ctx;
     char sweep_dump[512];
+    bool attn_reuse;
     bool sweep_ppl;
     int sinks, window, tokens_per_cluster, window_clusters, kmeans_iters, full_layers;
     char select_mode[16];
@@ -115,6 +116,8 @@ static const struct ckv_config_opt eval_options[] = {
                  "sweep: also by perplexity (the model run; the recall sweep reads dumps only)"),
     CKV_OPT_STRING(struct eval_opts, attn_layers, "attn-layers", "2,8,15,22,29",
                    "attn: layers to dump"),
+    CKV_OPT_BOOL(struct eval_opts, attn_reuse, "attn-reuse", "no",
+                 "attn: measure the dumps already in OUT/qkv instead of making new ones"),
     CKV_OPT_INT(struct eval_opts, attn_ctx, "attn-ctx", "6144", 64, 1 << 20,
                 "attn: prompt tokens of the dumped run"),
     CKV_OPT_INT(struct eval_opts, attn_steps, "attn-steps", "64", 1, MAX_GEN,
@@ -933,6 +936,26 @@ static int attn_read_csv(struct eval *E, const char *csv)
     return 0;
 }
 
+/* Runs `ckv eval-attn` in-process with its table and plot output silenced (stdout to
+ * /dev/null). Returns its exit status. */
+static int eval_attn_quiet(char **argv, int argc)
+{
+    fflush(stdout);
+    int saved = dup(STDOUT_FILENO);
+    FILE *null = fopen("/dev/null", "w");
+    if (saved >= 0 && null)
+        dup2(fileno(null), STDOUT_FILENO);
+    int st = ckv_cmd_eval_attn(argc, argv);
+    fflush(stdout);
+    if (saved >= 0) {
+        dup2(saved, STDOUT_FILENO);
+        close(saved);
+    }
+    if (null)
+        fclose(null);
+    return st;
+}
+
 /* Dumps Q/K/V of a full-attention run (greedy, --attn-steps steps after the first
  * --attn-ctx tokens of the first document; the engine's own dump, docs/QKV_DUMP.md), then
  * runs `ckv eval-attn` in-process on the dumps with the engine's ClusterKV parameters. */
@@ -955,6 +978,8 @@ static int cmd_attn(struct eval *E, const char *budgets)
                 ckv_engine_info(E->e)->n_layers);
         return -EINVAL;
     }
+    if (E->o.attn_reuse)
+        goto measure;
     /* old dumps would be averaged in */
     snprintf(cmd, sizeof(cmd), "rm -f '%s'/layer-*.qkv", dump);
     if (system(cmd) != 0)
@@ -964,10 +989,10 @@ static int cmd_attn(struct eval *E, const char *budgets)
     if ((rc = docs_load(E, docs, &n_docs, E->o.attn_ctx)))
         return rc;
     struct run_cfg full;
-    struct ckv_eval_method m;
-    ckv_eval_method_parse("full", &m);
+    struct ckv_eval_method mf;
+    ckv_eval_method_parse("full", &mf);
     struct seq_result *res = calloc(1, sizeof(*res));
-    rc = res ? cfg_make(E, &m, 0, &full) : -ENOMEM;
+    rc = res ? cfg_make(E, &mf, 0, &full) : -ENOMEM;
     struct job j = {.prompt = docs[0].tokens,
                     .n_prompt = CKV_MIN(docs[0].n, E->max_ctx - E->o.attn_steps),
                     .n_free = CKV_MIN(E->o.attn_steps, MAX_GEN),
@@ -984,9 +1009,11 @@ static int cmd_attn(struct eval *E, const char *budgets)
         return rc;
     fprintf(stderr, "attn: dumped layers %s of %s (%d + %d tokens) in %.1f s\n", E->o.attn_layers,
             docs[0].name, j.n_prompt, j.n_free, ckv_elapsed_s(t0));
+measure:;
     /* ckv eval-attn in-process, with the engine's ClusterKV parameters */
     char a_sinks[16], a_window[16], a_tpc[16], a_wc[16], a_it[16], a_th[16];
     struct run_cfg c;
+    struct ckv_eval_method m;
     ckv_eval_method_parse("clusterkv", &m);
     if ((rc = cfg_make(E, &m, 256, &c)))
         return rc;
@@ -1015,30 +1042,59 @@ static int cmd_attn(struct eval *E, const char *budgets)
         return -EIO;
     char csv[700];
     snprintf(csv, sizeof(csv), "%s/eval-attn.csv", outdir);
-    return attn_read_csv(E, csv);
+    if ((rc = attn_read_csv(E, csv)))
+        return rc;
+    /* per layer: eval-attn on each dump file alone */
+    char path[700];
+    FILE *f = out_open(E, "attn-layers.csv", path, sizeof(path));
+    if (!f)
+        return -EIO;
+    fprintf(f, "layer,method,budget,recall,out_rel_err,hit_rate_units\n");
+    printf("\nper layer (recall / output error at each budget of --budgets)\n\n| layer | method |"
+           " recall | output rel. error | hit rate (units) |\n|---|---|---|---|---|\n");
+    for (int i = 0; i < n_layers; i++) {
+        char file[700], lout[640], line[1024];
+        snprintf(file, sizeof(file), "%s/layer-%02d.qkv", dump, layers[i]);
+        snprintf(lout, sizeof(lout), "%s/layer-%02d", outdir, layers[i]);
+        if (access(file, R_OK) != 0 || mkdir_p(lout) != 0)
+            continue;
+        argv[2] = file;
+        argv[4] = lout;
+        if (eval_attn_quiet(argv, (int)(sizeof(argv) / sizeof(argv[0])) - 1) != 0) {
+            fclose(f);
+            return -EIO;
+        }
+        snprintf(csv, sizeof(csv), "%s/eval-attn.csv", lout);
+        FILE *c = fopen(csv, "r");
+        char cur[64] = "";
+        while (c && fgets(line, sizeof(line), c)) {
+            char method[64];
+            int b;
+            double att, r, err, hu;
+            if (sscanf(line, "%63[^,],%d,%lf,%lf,%lf,%*[^,],%lf", method, &b, &att, &r, &err,
+                       &hu) != 6)
+                continue;
+            fprintf(f, "%d,%s,%d,%.6f,%.6f,%.4f\n", layers[i], method, b, r, err, hu);
+            if (strcmp(cur, method) != 0) {
+                if (cur[0])
+                    printf(" |\n");
+                printf("| %d | %s |", layers[i], method);
+                snprintf(cur, sizeof(cur), "%s", method);
+            }
+            printf(" b%d %.3f / %.3f / %.2f", b, r, err, hu);
+        }
+        if (cur[0])
+            printf(" |\n");
+        if (c)
+            fclose(c);
+        fflush(stdout);
+    }
+    fclose(f);
+    printf("\nwrote %s\n", path);
+    return 0;
 }
 
 /* ---- parameter sweep ---- */
-
-/* Runs `ckv eval-attn` in-process with its table and plot output silenced (stdout to
- * /dev/null). Returns its exit status. */
-static int eval_attn_quiet(char **argv, int argc)
-{
-    fflush(stdout);
-    int saved = dup(STDOUT_FILENO);
-    FILE *null = fopen("/dev/null", "w");
-    if (saved >= 0 && null)
-        dup2(fileno(null), STDOUT_FILENO);
-    int st = ckv_cmd_eval_attn(argc, argv);
-    fflush(stdout);
-    if (saved >= 0) {
-        dup2(saved, STDOUT_FILENO);
-        close(saved);
-    }
-    if (null)
-        fclose(null);
-    return st;
-}
 
 /* The recall sweep: attention recall at the sweep budget on real Q/K/V dumps, one ClusterKV
  * parameter varied at a time around the engine's defaults (ckv eval-attn replays the
