@@ -242,15 +242,17 @@ static void plot_write(const struct eval *E, const struct plot *p)
     fprintf(f, "set title \"%s\"\nset xlabel '%s'\nset ylabel '%s'\nplot ", p->title, p->xlabel,
             p->ylabel);
     int first = 1;
+    /* rows are selected by awk rather than by gnuplot's `cond ? $x : NaN`, which breaks the
+     * line at every row of another series when series are interleaved in the file */
     for (int i = 0; i < p->n_series; i++) {
-        char cond[200];
+        char cond[200] = "";
         if (p->fcol)
-            snprintf(cond, sizeof(cond), "strcol(%d) eq '%s' && strcol(%d) eq '%s'", p->scol,
-                     p->series[i], p->fcol, p->fval);
-        else
-            snprintf(cond, sizeof(cond), "strcol(%d) eq '%s'", p->scol, p->series[i]);
-        fprintf(f, "%s'%s/%s' using (%s ? $%d : NaN):%d with linespoints lw 2 title '%s'",
-                first ? "" : ", \\\n     ", E->o.out, p->csv, cond, p->xcol, p->ycol, p->series[i]);
+            snprintf(cond, sizeof(cond), " && $%d==\\\"%s\\\"", p->fcol, p->fval);
+        fprintf(f,
+                "%s\"< awk -F, '$%d==\\\"%s\\\"%s' %s/%s\" using %d:%d with linespoints lw 2 "
+                "title '%s'",
+                first ? "" : ", \\\n     ", p->scol, p->series[i], cond, E->o.out, p->csv,
+                p->xcol, p->ycol, p->series[i]);
         first = 0;
     }
     for (int i = 0; i < p->n_ref; i++) {
