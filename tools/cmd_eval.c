@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -1438,9 +1439,15 @@ int ckv_cmd_eval(int argc, char **argv)
     }
     if (!rc && (all || strcmp(sub, "sweep") == 0))
         rc = cmd_sweep(&E);
+    /* CPU time too: on a shared machine the wall time says little about the run's cost */
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double cpu_s = (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 +
+                   (double)ru.ru_stime.tv_sec + ru.ru_stime.tv_usec * 1e-6;
     ckv_eval_json_num(&E.json, &E.json_first, "seconds", ckv_elapsed_s(t0));
+    ckv_eval_json_num(&E.json, &E.json_first, "cpu_seconds", cpu_s);
     ckv_buf_printf(&E.json, "\n}\n");
-    printf("\nckv eval %s: %.1f s\n", sub, ckv_elapsed_s(t0));
+    printf("\nckv eval %s: %.1f s (%.1f s of CPU)\n", sub, ckv_elapsed_s(t0), cpu_s);
     if (!rc && E.o.json[0]) {
         FILE *f = fopen(E.o.json, "w");
         if (!f || fwrite(E.json.data, 1, E.json.len, f) != E.json.len) {
