@@ -43,6 +43,7 @@ static void *zctx;
 static void *socks[16]; /* closed by teardown: zmq_ctx_term waits for every socket */
 static int n_socks;
 static int metrics_port;
+static char kvs_seg[64]; /* the store's segment of a test that starts one */
 
 static void setup(void)
 {
@@ -63,6 +64,9 @@ static void teardown(void)
             ckv_test_stop(pids[i], SIGKILL, 2000);
     for (int i = 0; i < n_socks; i++)
         zmq_close(socks[i]);
+    if (kvs_seg[0]) /* SIGKILL leaves the segment behind */
+        ckv_shm_unlink(kvs_seg);
+    kvs_seg[0] = 0;
     zmq_ctx_term(zctx);
     if (getenv("CKV_TEST_KEEP")) /* the logs of a failed run */
         fprintf(stderr, "served: kept %s\n", dir);
@@ -823,6 +827,7 @@ Test(served, clusterkv_through_kvstore_matches_engine)
     char bin[512], seg[64], kvs_ep[420], sock[400], wstats[300];
     ckv_test_bin_path("ckv-kvstore", bin, sizeof(bin));
     snprintf(seg, sizeof(seg), "/ckv-test-served-%d", (int)getpid());
+    snprintf(kvs_seg, sizeof(kvs_seg), "%s", seg);
     char *kargv[] = {bin,   "--run-dir",  dir,  "--segment-name", seg,  "--segment-size",
                      "16m", "--head-dim", "64", "--mlock",        "no", "--spill-size",
                      "0",   NULL};
