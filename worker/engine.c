@@ -74,8 +74,8 @@ int ckv_engine_open(const struct ckv_engine_opts *o, ckv_engine_t **out, char *e
     *out = NULL;
     if (!o->model_path)
         return ckv_errorf(-EINVAL, err, errlen, "no model path");
-    if (o->max_seqs < 1 || o->max_seqs > 4096 || o->prefill_chunk < 1 ||
-        o->prefill_chunk > 65536 || o->max_ctx < 0 || o->n_threads < 0)
+    if (o->max_seqs < 1 || o->max_seqs > 4096 || o->prefill_chunk < 1 || o->prefill_chunk > 65536 ||
+        o->max_ctx < 0 || o->n_threads < 0)
         return ckv_errorf(-EINVAL, err, errlen,
                           "engine options out of range (max_seqs %d, prefill_chunk %d, max_ctx "
                           "%d, threads %d)",
@@ -355,8 +355,7 @@ out:
     return rc;
 }
 
-int ckv_engine_decode(ckv_engine_t *e, const int *seqs, const int32_t *tokens, int n,
-                      float *logits)
+int ckv_engine_decode(ckv_engine_t *e, const int *seqs, const int32_t *tokens, int n, float *logits)
 {
     if (!e || n < 1 || n > e->o.max_seqs || !seqs || !tokens || !logits)
         return -EINVAL;

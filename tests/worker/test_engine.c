@@ -48,9 +48,9 @@
  * property, and the per-prompt count only at the level llama.cpp reaches against itself
  * minus one. */
 #define MIN_STEP_AGREEMENT 0.85
-#define MIN_PROMPTS_AGREE 2
-#define GREEDY_CHECK 16
-#define DECODE_AT 8
+#define MIN_PROMPTS_AGREE  2
+#define GREEDY_CHECK       16
+#define DECODE_AT          8
 
 struct fx_prompt {
     char name[32];
@@ -210,8 +210,8 @@ Test(engine, logits_and_greedy_match_llamacpp, .timeout = 900)
         float d = max_diff(logits, f->lid, f->lval, f->n_logits, &worst);
         cr_log_info("%s: %d prompt tokens, max |logit diff| %.4f (id %d)", f->name, f->n_ids,
                     (double)d, worst);
-        cr_expect_leq(d, LOGIT_TOL, "%s: prompt logits differ by %.4f at id %d", f->name,
-                      (double)d, worst);
+        cr_expect_leq(d, LOGIT_TOL, "%s: prompt logits differ by %.4f at id %d", f->name, (double)d,
+                      worst);
         worst_all = fmaxf(worst_all, d);
         int agree = 0;
         bool same = true;
@@ -243,8 +243,8 @@ Test(engine, logits_and_greedy_match_llamacpp, .timeout = 900)
                 d = max_diff(logits, f->sid, f->sval, f->n_step, &worst);
                 cr_log_info("%s: after %d decode steps max |logit diff| %.4f (id %d)", f->name,
                             DECODE_AT, (double)d, worst);
-                cr_expect_leq(d, LOGIT_TOL, "%s: step %d logits differ by %.4f at id %d",
-                              f->name, DECODE_AT, (double)d, worst);
+                cr_expect_leq(d, LOGIT_TOL, "%s: step %d logits differ by %.4f at id %d", f->name,
+                              DECODE_AT, (double)d, worst);
                 worst_all = fmaxf(worst_all, d);
             }
         }
@@ -318,8 +318,7 @@ Test(engine, methods_at_full_budget_equal_full, .timeout = 900)
     const struct fx_prompt *f = &fx[n_fx - 1]; /* the long prompt */
     ckv_engine_t *e = open_engine(model, 4, 512);
     int nv = ckv_engine_info(e)->n_vocab;
-    enum ckv_kv_method methods[4] = {CKV_KV_FULL, CKV_KV_CLUSTERKV, CKV_KV_QUEST,
-                                     CKV_KV_STREAMING};
+    enum ckv_kv_method methods[4] = {CKV_KV_FULL, CKV_KV_CLUSTERKV, CKV_KV_QUEST, CKV_KV_STREAMING};
     int seqs[4];
     for (int i = 0; i < 4; i++) {
         struct ckv_kv_opts kv;
@@ -334,9 +333,9 @@ Test(engine, methods_at_full_budget_equal_full, .timeout = 900)
     }
     float *logits = malloc((size_t)4 * nv * sizeof(float));
     for (int i = 0; i < 4; i++)
-        cr_assert_eq(ckv_engine_prefill(e, seqs[i], f->ids, f->n_ids, logits + (size_t)i * nv,
-                                        NULL, NULL),
-                     0);
+        cr_assert_eq(
+            ckv_engine_prefill(e, seqs[i], f->ids, f->n_ids, logits + (size_t)i * nv, NULL, NULL),
+            0);
     float worst[4] = {0};
     int flips[4] = {0};
     for (int k = 0; k < 64; k++) {
@@ -351,8 +350,8 @@ Test(engine, methods_at_full_budget_equal_full, .timeout = 900)
                 float d = 0;
                 for (int j = 0; j < nv; j++)
                     d = fmaxf(d, fabsf(li[j] - full[j]));
-                cr_log_info("%s: step %d: max |logit diff| %.4f", ckv_kv_method_name(methods[i]),
-                            k, (double)d);
+                cr_log_info("%s: step %d: max |logit diff| %.4f", ckv_kv_method_name(methods[i]), k,
+                            (double)d);
             }
             if (ti != t0) {
                 flips[i]++;
@@ -422,9 +421,8 @@ Test(engine, chunks_and_batches_agree, .timeout = 900)
     int nv3 = nv;
     for (int p = 0; p < 3; p++) {
         seqs[p] = new_seq(e1, NULL);
-        cr_assert_eq(ckv_engine_prefill(e1, seqs[p], fx[p].ids, fx[p].n_ids, a + p * nv3, NULL,
-                                        NULL),
-                     0);
+        cr_assert_eq(
+            ckv_engine_prefill(e1, seqs[p], fx[p].ids, fx[p].n_ids, a + p * nv3, NULL, NULL), 0);
     }
     int32_t tok[3];
     for (int p = 0; p < 3; p++)
