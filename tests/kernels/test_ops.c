@@ -12,11 +12,14 @@
  *    unquantized x: the activation quantization moves each x_j by at most d_b / 2 (rounding to
  *    nearest on a grid of step d_b = max|x in block b| / 127), so
  *    |err| <= sum_b (d_b / 2) sum_{j in b} |w_j|, plus the f32 rounding of the scaled block sums
- *    (gamma bound on sum_b |d_w d_x isum_b| + |m_w s_b|), plus a 1e-3 relative slack on the
- *    first term for the rounding of x * 127/max and of d itself. This bound is rigorous, so the
- *    test has no false failures; it is loose (the errors are random, ~sqrt(K) not K) so a
- *    second check holds the kernel to the exact semantics: a reference that quantizes x the
- *    way ops.h says, with only the f32-rounding tolerance.
+ *    (gamma bound on sum_b |d_w d_x| sum_j |q_w q_x| + |m_w s_b|: on the sum of |products|,
+ *    since SIMD kernels split a block's integer sum into lanes), plus a 1e-3 relative slack
+ *    on the first term for the rounding of x * 127/max and of d itself. This bound is rigorous, so
+ * the test has no false failures; it is loose (the errors are random, ~sqrt(K) not K) so a second
+ * check holds the kernel to the exact semantics: a reference that quantizes x the way ops.h says
+ * (ties on the grid included: they round to even), with only the f32-rounding tolerance. Q8_0 codes
+ * include -128, which a file may hold. Every ISA's result is also compared with the portable one's
+ * (within twice the f32 bound).
  */
 #include <criterion/criterion.h>
 #include <errno.h>
