@@ -96,7 +96,11 @@ int ckv_engine_open(const struct ckv_engine_opts *o, ckv_engine_t **out, char *e
 
     char msg[256];
     if ((rc = gguf_open(o->model_path, &e->gguf, msg, sizeof(msg))) < 0) {
-        ckv_errorf(rc, err, errlen, "%s: %s", o->model_path, msg);
+        /* the reader's message may already name the file */
+        if (strstr(msg, o->model_path))
+            ckv_errorf(rc, err, errlen, "%s", msg);
+        else
+            ckv_errorf(rc, err, errlen, "%s: %s", o->model_path, msg);
         goto err;
     }
     if ((rc = ckv_model_load(e->gguf, o->model_path, &e->model, msg, sizeof(msg))) < 0) {
