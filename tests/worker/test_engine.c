@@ -29,18 +29,22 @@
  * llama.cpp by up to 0.76 and from us by up to 0.36 on the english prompt, and llama.cpp
  * differs from itself by up to 0.68 when the same prompt is evaluated one token at a time
  * instead of in one batch (n_batch 1 vs 512; all measured on this fixture's first three
- * prompts). Against llama.cpp we measured a largest difference of 1.07 (over 5 prompts x 59 ids,
- * at the prompt end and after 8 decode steps); 1.25 is a little above that. Logits range from
- * about 10 to 40, so this still catches any real error (a wrong RoPE, norm or bias moves them
- * by several units).
+ * prompts). Against llama.cpp we measured a largest difference of 1.07 with the portable
+ * matrix products and 1.14 with the OpenBLAS/AVX-512 ones (over 5 prompts x 59 ids, at the
+ * prompt end and after 8 decode steps). Any change in the last bit moves this model's logits
+ * by up to 1.0-1.5 (measured by perturbing attention outputs, see METHOD_TOL), so the bound is
+ * 1.5: a little above what we measured, and at the noise floor rather than at one kernel's
+ * rounding. Logits range from about 10 to 40, so this still catches a real error (a wrong
+ * RoPE, norm or bias moves them by several units).
  */
-#define LOGIT_TOL 1.25f
+#define LOGIT_TOL 1.5f
 /* A step where our greedy token differs from llama.cpp's must be a near-tie for llama.cpp: its
  * logit for our token within TIE_TOL of its best. Measured: the largest such margin was 0.25
  * (5 prompts x 16 steps); the bound is the logit tolerance, the noise of one logit. */
 #define TIE_TOL LOGIT_TOL
 /* Greedy agreement. With teacher forcing (llama.cpp's token is fed back at every step, so one
- * near-tie does not derail the rest), we measured 73 of 80 steps agreeing, and 2 of 5 prompts
+ * near-tie does not derail the rest), we measured 73 (portable products) and 76 (OpenBLAS /
+ * AVX-512) of 80 steps agreeing, and 2 of 5 prompts
  * agreeing on all of their first 16 tokens (a flip at a near-tie ends a prompt's run: "code"
  * flips at its first token on a margin of 0.057). llama.cpp against itself, prompt evaluated in
  * one batch vs one token at a time, agrees on 3 of 5 prompts for 16 tokens: the per-prompt
@@ -304,10 +308,12 @@ static void greedy_batch(ckv_engine_t *e, const int *seqs, int n_seqs, const int
  * That bound is the model's noise floor, measured by perturbing the attention output of full
  * attention by a random relative +-1e-7 (one ulp) up to +-1e-2: every size gives largest logit
  * differences of 0.5 to 1.0 (the 8-bit quantization of the next product turns any change into
- * whole steps), 5e-2 gives 1.0 to 1.5; ClusterKV at full budget measured 1.38 over 64 steps.
- * Quest and StreamingLLM at full budget currently attend through the full-attention kernel
- * (measured difference 0). The token check is the sharper one: a cluster or page not attended,
- * a wrong position or a window lost when it is clustered changes tokens with clear margins.
+ * whole steps), 5e-2 gives 1.0 to 1.5; ClusterKV at full budget measured 1.38 over 64 steps
+ * when it attended all clusters through the block kernel, 0 since the KV manager attends with
+ * the full-attention kernel when every head's clusters fit the budget. Quest and StreamingLLM
+ * at full budget attend through the full-attention kernel too (measured difference 0). The token
+ * check is the sharper one: a cluster or page not attended, a wrong position or a window lost when
+ * it is clustered changes tokens with clear margins.
  */
 #define METHOD_TOL 2.0f
 #define METHOD_TIE 0.2f
