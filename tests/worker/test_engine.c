@@ -538,3 +538,57 @@ Test(engine, qkv_dump_reads_back, .timeout = 600)
     ckv_engine_close(&e);
     ckv_test_rmrf(dir);
 }
+
+/* ClusterKV below the context (budget 128 of 553 prompt tokens, full_layers 2): decoding
+ * works through selection and block attention, attends fewer tokens than full attention,
+ * makes clusters of the prompt and of the decoded windows, and its greedy tokens (teacher
+ * forced with full attention's) mostly stay those of full attention. The agreement bound is
+ * loose on purpose (a sparse method may change near-ties); what it catches is a broken recall
+ * (garbage attention gives garbage tokens). */
+Test(engine, clusterkv_sparse_decodes, .timeout = 900)
+{
+    const char *model = need_model();
+    load_fixture();
+    const struct fx_prompt *f = &fx[n_fx - 1];
+    ckv_engine_t *e = open_engine(model, 2, 512);
+    int nv = ckv_engine_info(e)->n_vocab;
+    struct ckv_kv_opts kv;
+    ckv_kv_opts_default(&kv);
+    kv.method = CKV_KV_FULL;
+    int sf = new_seq(e, &kv);
+    kv.method = CKV_KV_CLUSTERKV;
+    kv.budget = 128;
+    kv.sinks = 16;
+    kv.window = 32;
+    kv.tokens_per_cluster = 32;
+    kv.full_layers = 2;
+    int sc = new_seq(e, &kv);
+    float *logits = malloc((size_t)2 * nv * sizeof(float));
+    cr_assert_eq(ckv_engine_prefill(e, sf, f->ids, f->n_ids, logits, NULL, NULL), 0);
+    cr_assert_eq(ckv_engine_prefill(e, sc, f->ids, f->n_ids, logits + nv, NULL, NULL), 0);
+    ckv_engine_stats_reset(e);
+    int seqs[2] = {sf, sc}, agree = 0, steps = 48;
+    for (int k = 0; k < steps; k++) {
+        int32_t t0 = argmax(logits, nv), t1 = argmax(logits + nv, nv);
+        for (int j = 0; j < nv; j++)
+            cr_assert(isfinite(logits[nv + j]), "step %d: logit %d not finite", k, j);
+        agree += t0 == t1;
+        int32_t tok[2] = {t0, t0};
+        cr_assert_eq(ckv_engine_decode(e, seqs, tok, 2, logits), 0);
+    }
+    struct ckv_kv_stats full_st, ckv_st;
+    ckv_kvcache_stats(ckv_engine_seq_kv(e, sf), &full_st);
+    ckv_kvcache_stats(ckv_engine_seq_kv(e, sc), &ckv_st);
+    double full_per_call = (double)full_st.attended_tokens / (double)full_st.decode_attn_calls;
+    double ckv_per_call = (double)ckv_st.attended_tokens / (double)ckv_st.decode_attn_calls;
+    cr_log_info("clusterkv budget 128: %d of %d greedy tokens as full attention; attended per "
+                "call %.0f (full %.0f); clusters made %llu",
+                agree, steps, ckv_per_call, full_per_call,
+                (unsigned long long)ckv_st.clusters_made);
+    cr_expect_lt(ckv_per_call, 0.8 * full_per_call);
+    cr_expect_gt(ckv_st.clusters_made, 0u);
+    cr_expect_gt(ckv_st.clusters_selected, 0u);
+    cr_expect_geq(agree, steps / 2, "only %d of %d tokens as full attention", agree, steps);
+    free(logits);
+    ckv_engine_close(&e);
+}
