@@ -1053,7 +1053,9 @@ static int clusterkv_end_prefill(ckv_kvcache_t *kv, int l)
     }
     if (rc == 0 && ncl > 0) {
         int C = (ncl + kv->o.tokens_per_cluster - 1) / kv->o.tokens_per_cluster;
-        rc = cluster_range(kv, l, L->n_sink, ncl, C, 0);
+        /* written through: the store holds them, the cache keeps what it can (DESIGN.md), so
+         * the first decode steps do not recall the whole prompt */
+        rc = cluster_range(kv, l, L->n_sink, ncl, C, 1);
     }
     if (rc == 0)
         rc = layer_rebuild(kv, L);
