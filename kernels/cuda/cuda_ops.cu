@@ -218,16 +218,11 @@ static int matmul_quant(struct cuda_backend *cb, const struct ckv_weight *w, con
     for (int i_base = 0; i_base < n; i_base += per_launch) {
         int nx = n - i_base < per_launch ? n - i_base : per_launch;
         dim3 grid(cuda_blocks((size_t)w->rows, MQ_W), cuda_blocks((size_t)nx, MQ_X));
-        const uint8_t *wd = (const uint8_t *)w->data;
-        if (w->type == CKV_W_Q8_0)
-            CUDA_LAUNCH(mm_q_kernel<CKV_W_Q8_0>, grid, MQ_W * CUDA_WARP, cb->stream, wd,
-                        w->row_bytes, w->rows, nb, (const dev_q8 *)xq, n, i_base, y);
-        else if (w->type == CKV_W_Q4_0)
-            CUDA_LAUNCH(mm_q_kernel<CKV_W_Q4_0>, grid, MQ_W * CUDA_WARP, cb->stream, wd,
-                        w->row_bytes, w->rows, nb, (const dev_q8 *)xq, n, i_base, y);
-        else
-            CUDA_LAUNCH(mm_q_kernel<CKV_W_Q4_1>, grid, MQ_W * CUDA_WARP, cb->stream, wd,
-                        w->row_bytes, w->rows, nb, (const dev_q8 *)xq, n, i_base, y);
+        auto *kern = w->type == CKV_W_Q8_0   ? mm_q_kernel<CKV_W_Q8_0>
+                     : w->type == CKV_W_Q4_0 ? mm_q_kernel<CKV_W_Q4_0>
+                                             : mm_q_kernel<CKV_W_Q4_1>;
+        CUDA_LAUNCH(kern, grid, MQ_W * CUDA_WARP, cb->stream, (const uint8_t *)w->data,
+                    w->row_bytes, w->rows, nb, (const dev_q8 *)xq, n, i_base, y);
         CUDA_CHECK_LAUNCH(cb);
     }
     return 0;
