@@ -13,10 +13,10 @@
  *    nearest on a grid of step d_b = max|x in block b| / 127) plus |f16(d_b) - d_b| |q_j| (the
  *    scale is stored as f16, as llama.cpp does, the codes are not), so
  *    |err| <= sum_b sum_{j in b} |w_j| (d_b / 2 + |f16(d_b) - d_b| |q_j|), plus for Q4_1
- *    |m_b| |s16_b - f16(d_b) sum(q)| (Q8_1's s rounded to f16), plus the f32 rounding of the scaled block sums
- *    (gamma bound on sum_b |d_w d_x| sum_j |q_w q_x| + |m_w s_b|: on the sum of |products|,
- *    since SIMD kernels split a block's integer sum into lanes), plus a 1e-3 relative slack
- *    on the first term for the rounding of x * 127/max and of d itself. This bound is rigorous, so
+ *    |m_b| |s16_b - f16(d_b) sum(q)| (Q8_1's s rounded to f16), plus the f32 rounding of the
+ *    scaled block sums (gamma bound on sum_b |d_w d_x| sum_j |q_w q_x| + |m_w s_b|: on the sum
+ *    of |products|, since SIMD kernels split a block's integer sum into lanes), plus a 1e-3
+ *    relative slack on the first term for the rounding of x * 127/max. This bound is rigorous, so
  * the test has no false failures; it is loose (the errors are random, ~sqrt(K) not K) so a second
  * check holds the kernel to the exact semantics: a reference that quantizes x the way ops.h says
  * (ties on the grid included: they round to even), with only the f32-rounding tolerance. Q8_0 codes

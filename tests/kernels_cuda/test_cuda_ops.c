@@ -88,8 +88,7 @@ static struct ckv_weight random_weight(struct ktest_rng *r, enum ckv_wtype t, in
 }
 
 /* |d q| and |m| of element j of a quantized row; the value itself for float rows. */
-static void elem_parts(const struct ckv_weight *w, const uint8_t *row, int j, double *dq,
-                       double *m)
+static void elem_parts(const struct ckv_weight *w, const uint8_t *row, int j, double *dq, double *m)
 {
     *m = 0;
     if (!is_q(w->type)) {
@@ -179,8 +178,8 @@ static void check_matmul(ckv_ctx_t *gpu, ckv_ctx_t *cpu, enum ckv_wtype t, int r
                           sw / 33554432.0;
                 size_t k = (size_t)i * rows + o;
                 cr_assert(fabs((double)yg[k] - yc[k]) <= tol + 1e-30,
-                          "%s %dx%d n=%d [%d,%d]: cuda %.9g cpu %.9g (tol %.3g)",
-                          ckv_wtype_name(t), rows, cols, n, i, o, yg[k], yc[k], tol);
+                          "%s %dx%d n=%d [%d,%d]: cuda %.9g cpu %.9g (tol %.3g)", ckv_wtype_name(t),
+                          rows, cols, n, i, o, yg[k], yc[k], tol);
             }
         }
         free(yg);
@@ -355,14 +354,15 @@ Test(cuda_ops, elementwise)
     ktest_fill_normal(&r, b, ne, 1.0f);
     a[0] = -200.0f; /* exp overflows: silu is -0 */
     a[1] = 90.0f;
-    float *ad = kcuda_up(gpu, a, bytes), *bd = kcuda_up(gpu, b, bytes), *cd = kcuda_alloc(gpu, bytes);
+    float *ad = kcuda_up(gpu, a, bytes), *bd = kcuda_up(gpu, b, bytes),
+          *cd = kcuda_alloc(gpu, bytes);
 
     cr_assert_eq(ckv_swiglu(cpu, a, b, ne, c), 0);
     cr_assert_eq(ckv_swiglu(gpu, ad, bd, ne, cd), 0);
     float *g = kcuda_down(gpu, cd, bytes);
     for (size_t k = 0; k < ne; k++)
-        cr_assert(fabsf(g[k] - c[k]) <= ldexpf(fabsf(c[k]), -20), "swiglu [%zu] %.9g %.9g", k,
-                  g[k], c[k]);
+        cr_assert(fabsf(g[k] - c[k]) <= ldexpf(fabsf(c[k]), -20), "swiglu [%zu] %.9g %.9g", k, g[k],
+                  c[k]);
     free(g);
 
     memcpy(c, a, bytes);
