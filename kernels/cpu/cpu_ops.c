@@ -118,9 +118,21 @@ static inline int is_quant(enum ckv_wtype t)
  * and vectorisable). */
 #define ROUND_MAGIC 12582912.0f
 
-/* Quantizes one row of cols (a multiple of 32) f32 values to cols/32 blocks. The scale is the
- * one of llama.cpp's activations (d = max|x|/127, q = round(x * 127/max|x|), ties to even as
- * its SIMD paths round); NaN quantizes to 0 rather than to an undefined integer. */
+/* A block scale or sum rounded to f16 as llama.cpp stores it (nearest even); a value beyond
+ * f16's range stays f32, where llama.cpp's would become inf and poison the product. */
+static inline float round_f16(float v)
+{
+    float r = ckv_half_to_f32(ckv_half_from_f32(v));
+    return isinf(r) && !isinf(v) ? v : r;
+}
+
+/* Quantizes one row of cols (a multiple of 32) f32 values to cols/32 blocks, bit for bit as
+ * llama.cpp's x86 SIMD quantize_row_q8_0/q8_1 do: the codes come from the f32 reciprocal
+ * (q = round(x * (127/max|x|)), ties to even), then d = max|x|/127 is computed in f32 and
+ * stored rounded to f16, and s = d * sum(q) is computed from the unrounded f32 d and rounded
+ * to f16. The f16 rounding does not feed back into the codes; it moves only the scale the
+ * integer sums are multiplied by, but SmolLM2's outlier activations make that visible in the
+ * logits (docs in ops.h). NaN quantizes to 0 rather than to an undefined integer. */
 static void quantize_row_q8(const float *x, int cols, struct cpu_q8 *out)
 {
     for (int b = 0; b < cols / CPU_QK; b++) {
@@ -144,8 +156,9 @@ static void quantize_row_q8(const float *x, int cols, struct cpu_q8 *out)
             out[b].q[j] = (int8_t)(int)qf[j];
             sum += (int)qf[j];
         }
-        out[b].d = amax / 127.0f;
-        out[b].s = out[b].d * (float)sum;
+        float d = amax / 127.0f;
+        out[b].d = round_f16(d);
+        out[b].s = round_f16(d * (float)sum);
     }
 }
 

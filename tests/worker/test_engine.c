@@ -21,40 +21,38 @@
 
 /*
  * Logit tolerance, measured. Both sides quantize each 32-element block of the activations to 8
- * bits before the Q4_1/Q8_0 dot products, but not bit-identically: llama.cpp stores the block
- * scale d (and Q8_1's sum term) as f16, ours keeps f32; llama.cpp rounds Q and the softmax
- * weights to f16 in attention; sums run in other orders. SmolLM2 has large outlier activations,
- * so a change in the last bit of a block scale moves many 8-bit codes by one step, and 30
- * layers carry that to the logits: a float64 reference of the same weights differs from
- * llama.cpp by up to 0.76 and from us by up to 0.36 on the english prompt, and llama.cpp
- * differs from itself by up to 0.68 when the same prompt is evaluated one token at a time
- * instead of in one batch (n_batch 1 vs 512; all measured on this fixture's first three
- * prompts). Against llama.cpp we measured a largest difference of 1.07 with the portable
- * matrix products and 1.14 with the OpenBLAS/AVX-512 ones (over 5 prompts x 59 ids, at the
- * prompt end and after 8 decode steps). Any change in the last bit moves this model's logits
- * by up to 1.0-1.5 (measured by perturbing attention outputs, see METHOD_TOL), so the bound is
- * 1.5: a little above what we measured, and at the noise floor rather than at one kernel's
- * rounding. Logits range from about 10 to 40, so this still catches a real error (a wrong
- * RoPE, norm or bias moves them by several units).
+ * bits before the Q4_1/Q8_0 dot products, bit for bit alike since ops.h rounds the block scale d
+ * (and Q8_1's sum term s) to f16 as llama.cpp stores them (while we kept them f32 the largest
+ * difference was 1.07: SmolLM2 has large outlier activations, so the last bits of a block scale
+ * matter, and 30 layers carry them to the logits). What remains: llama.cpp's attention (without
+ * flash attention, as the fixture runs it) converts Q to f16 for the K.Q product against its f16
+ * cache and the softmax weights to f16 for the product with V, where ours stays f32; RoPE angles
+ * in f32 (ours f64); sums run in other orders. For scale: a float64 reference of the same
+ * weights differed from llama.cpp by up to 0.76 (f32 scales), and llama.cpp differs from itself
+ * by up to 0.68 when the same prompt is evaluated one token at a time instead of in one batch
+ * (n_batch 1 vs 512). Measured against llama.cpp: largest difference 0.91 (5 prompts x 59 ids, at
+ * the prompt end and after 8 decode steps; 2026-12-06, f16 scales); 1.0 is a little above that.
+ * Logits range from about 10 to 40, so this still catches any real error (a wrong RoPE, norm or
+ * bias moves them by several units).
  */
-#define LOGIT_TOL 1.5f
+#define LOGIT_TOL 1.0f
 /* A step where our greedy token differs from llama.cpp's must be a near-tie for llama.cpp: its
  * logit for our token within TIE_TOL of its best. Measured: the largest such margin was 0.25
  * (5 prompts x 16 steps); the bound is the logit tolerance, the noise of one logit. */
 #define TIE_TOL LOGIT_TOL
 /* Greedy agreement. With teacher forcing (llama.cpp's token is fed back at every step, so one
- * near-tie does not derail the rest), we measured 73 (portable products) and 76 (OpenBLAS /
- * AVX-512) of 80 steps agreeing, and 2 of 5 prompts
- * agreeing on all of their first 16 tokens (a flip at a near-tie ends a prompt's run: "code"
- * flips at its first token on a margin of 0.057). llama.cpp against itself, prompt evaluated in
- * one batch vs one token at a time, agrees on 3 of 5 prompts for 16 tokens: the per-prompt
- * count is dominated by near-ties, so the test asserts the per-step rate and the near-tie
- * property, and the per-prompt count only at the level llama.cpp reaches against itself
- * minus one. */
-#define MIN_STEP_AGREEMENT 0.85
-#define MIN_PROMPTS_AGREE  2
-#define GREEDY_CHECK       16
-#define DECODE_AT          8
+ * near-tie does not derail the rest), we measured 76 of 80 steps agreeing (73 with f32 scales),
+ * and 2 of 5 prompts agreeing on all of their first 16 tokens (a flip at a near-tie ends a
+ * prompt's run: "code" flips at its first token on a margin of 0.057, "unicode" at step 8 on
+ * 0.053, "long" at step 13 on 0.198). llama.cpp against itself, prompt evaluated in one batch vs
+ * one token at a time, agrees on 3 of 5 prompts for 16 tokens: the per-prompt count is
+ * dominated by near-ties, so the test asserts the per-step rate (0.9: 72 of 80, four steps
+ * below the measurement) and the near-tie property, and the per-prompt count at the measured 2
+ * (llama.cpp against itself minus one). */
+#define MIN_STEP_AGREEMENT 0.9
+#define MIN_PROMPTS_AGREE 2
+#define GREEDY_CHECK 16
+#define DECODE_AT 8
 
 struct fx_prompt {
     char name[32];
