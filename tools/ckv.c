@@ -17,8 +17,12 @@ static const struct ckv_cmd cmds[] = {
     {"run", ckv_cmd_run, "generate text with a GGUF model in this process (ClusterKV by default)"},
     {"version", ckv_cmd_version, "print the version and the build's backends"},
     {"stats", ckv_cmd_stats, "print the stats of a running daemon (key:value or Prometheus)"},
+    {"eval", ckv_cmd_eval,
+     "quality of ClusterKV and baselines on the model: ppl, retrieval, agree, attn, sweep"},
     {"eval-attn", ckv_cmd_eval_attn,
      "attention recall / error / cache hits of ClusterKV and baselines (dumps or synthetic)"},
+    {"generate", ckv_cmd_generate, "send one request to a running stack and stream the text"},
+    {"top", ckv_cmd_top, "live table of the stack (router requests, workers) from its stats"},
 };
 
 static void usage(FILE *f)

@@ -29,8 +29,7 @@
 #include "sampler.h"
 
 #define DEFAULT_MODEL_NAME "SmolLM2-135M-Instruct.Q4_1.gguf"
-#define DEFAULT_PROMPT                                                                             \
-    "Explain in a few sentences why the sky is blue, for a curious ten-year-old."
+#define DEFAULT_PROMPT     "Explain in a few sentences why the sky is blue, for a curious ten-year-old."
 
 static const char *const method_names[] = {"full", "clusterkv", "quest", "streaming", NULL};
 static const char *const select_names[] = {"per-qhead", "kvhead-max", "kvhead-sum", NULL};
@@ -406,9 +405,8 @@ int ckv_cmd_run(int argc, char **argv)
     ckv_engine_stats(e, &st);
     double pre_tps = st.prefill_ms > 0 ? (double)st.prefill_tokens * 1e3 / st.prefill_ms : 0;
     double dec_tps = st.decode_ms > 0 ? (double)st.decode_tokens * 1e3 / st.decode_ms : 0;
-    double pre_attn = after_prefill.prefill_ms > 0
-                          ? 100.0 * after_prefill.attn_ms / after_prefill.prefill_ms
-                          : 0;
+    double pre_attn =
+        after_prefill.prefill_ms > 0 ? 100.0 * after_prefill.attn_ms / after_prefill.prefill_ms : 0;
     double dec_attn_ms = st.attn_ms - after_prefill.attn_ms;
     double dec_attn = st.decode_ms > 0 ? 100.0 * dec_attn_ms / st.decode_ms : 0;
     double all_ms = st.prefill_ms + st.decode_ms;
@@ -418,8 +416,9 @@ int ckv_cmd_run(int argc, char **argv)
         struct ckv_buf j = {0};
         ckv_buf_printf(&j, "{\"model\": ");
         json_str(&j, info->name, strlen(info->name));
-        ckv_buf_printf(&j, ", \"method\": \"%s\", \"prompt_tokens\": %d, "
-                           "\"generated_tokens\": %d, \"end\": \"%s\", \"text\": ",
+        ckv_buf_printf(&j,
+                       ", \"method\": \"%s\", \"prompt_tokens\": %d, "
+                       "\"generated_tokens\": %d, \"end\": \"%s\", \"text\": ",
                        ckv_kv_method_name(eo.kv.method), n_ids, generated, end_reason);
         json_str(&j, out.data ? out.data : "", out.len);
         ckv_buf_printf(&j,

@@ -9,7 +9,8 @@
  *              decoded tokens is clustered into window_clusters new clusters. Clusters live in
  *              a block store (block_store.h) as 16-token blocks and are recalled through a
  *              per-sequence cluster cache; layers < full_layers and (layer, head)s whose
- *              clustered tokens number at most `budget` use full attention.
+ *              clustered tokens number at most `budget` use full attention (a layer whose
+ *              heads all do attends the contiguous cache: bit for bit the method full).
  *   quest      16-token pages of consecutive tokens, min/max key bounds, top budget/16 pages,
  *              the current page always (ALGORITHM.md section 6); first full_layers full.
  *   streaming  sinks + the most recent `budget` tokens (StreamingLLM); the first full_layers
@@ -152,6 +153,7 @@ struct ckv_kv_clusters {
     const int32_t *sizes;   /* (n_clusters) */
     const int32_t *offsets; /* (n_clusters + 1) */
     const int32_t *members; /* (offsets[n_clusters]) token positions */
+    const float *centroids; /* (n_clusters, head_dim) f32, device memory of the context */
     int n_sinks;            /* positions [0, n_sinks) are sinks */
     int window_start, n_window; /* the window: [window_start, window_start + n_window) */
 };
