@@ -6,9 +6,10 @@
  * a lane per element: max|x| by a warp reduction, the codes from the f32 reciprocal, their sum
  * by a warp reduction, d and s rounded to f16 as cpu_ops.c's quantize_row_q8 does (the same
  * bytes). mm_q_kernel: one warp per weight row and MQ_X activation rows; lane l takes the
- * row's blocks l, l + 32, ..., decodes each weight block once into registers and dots it with
- * the MQ_X activation blocks, so a decode batch reads the weights once; a warp sum ends each
- * output. Float weights go to cuBLAS (DESIGN.md: cuBLAS for matrix products on a GPU).
+ * row's blocks l, l + 32, ..., packs each weight block once into registers and dots it with
+ * the MQ_X activation blocks in DP4As (8 per block pair), so a decode batch reads the weights
+ * once; a warp sum ends each output. Float weights go to cuBLAS (DESIGN.md: cuBLAS for matrix
+ * products on a GPU).
  *
  * Host arrays (get_rows' ids, RoPE's positions) are copied into the context's scratch first;
  * cudaMemcpyAsync from pageable memory returns once the bytes are staged, so the caller's
@@ -34,9 +35,10 @@ extern "C" {
 
 /* An activation block quantized to 8 bits (cpu_ops.h's struct cpu_q8, the same values). */
 struct dev_q8 {
-    float d; /* f16(max|x|/127), held in f32 */
-    float s; /* f16(max|x|/127 * sum(q)) */
-    int8_t q[QK];
+    float d;      /* f16(max|x|/127), held in f32 */
+    float s;      /* f16(max|x|/127 * sum(q)) */
+    int qsum;     /* sum(q): Q4_0's offset of 8 is subtracted through it */
+    int8_t q[QK]; /* 4-byte aligned: read as 8 packed ints */
 };
 
 /* ---- device helpers ---- */
@@ -63,6 +65,27 @@ static __device__ __forceinline__ uint16_t dev_bf16_from_f32(float f)
         return (uint16_t)((u >> 16) | 0x40u);
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
+}
+
+/* c + the dot product of the four signed bytes of a and of b (the DP4A instruction on a GPU,
+ * sm_61 and later). */
+static __device__ __forceinline__ int dev_dp4a(int a, int b, int c)
+{
+#ifdef CKV_CUDA_EMU
+    for (int k = 0; k < 4; k++)
+        c += (int)(int8_t)(uint8_t)((unsigned)a >> (8 * k)) *
+             (int)(int8_t)(uint8_t)((unsigned)b >> (8 * k));
+    return c;
+#else
+    return __dp4a(a, b, c);
+#endif
+}
+
+/* Four bytes at any address as one little-endian int (weight blocks are 2-byte aligned at best). */
+static __device__ __forceinline__ int dev_pack4(const uint8_t *p)
+{
+    return (int)((unsigned)p[0] | (unsigned)p[1] << 8 | (unsigned)p[2] << 16 |
+                 (unsigned)p[3] << 24);
 }
 
 /* Element c of a weight row of type t, as cpu_ops_dequant_row computes it (no FMA). */
@@ -136,13 +159,16 @@ static __global__ void quant_q8_kernel(const float *__restrict__ x, size_t n_blo
         sum += __shfl_xor_sync(0xffffffffu, sum, o);
     out[g].q[lane] = (int8_t)q;
     if (lane == 0) {
+        out[g].qsum = sum;
         float d = a / 127.0f;
         out[g].d = dev_round_f16(d);
         out[g].s = dev_round_f16(d * (float)sum);
     }
 }
 
-/* y (n, rows) = W . xq for activation rows i_base + blockIdx.y * MQ_X + [0, MQ_X). */
+/* y (n, rows) = W . xq for activation rows i_base + blockIdx.y * MQ_X + [0, MQ_X). A weight
+ * block is packed into 8 ints of signed bytes once (Q4: the nibbles as bytes 0..15) and meets
+ * each activation block in 8 DP4As; Q4_0's -8 comes off as 8 * sum(q_x). */
 template <int T>
 static __global__ void mm_q_kernel(const uint8_t *__restrict__ w, size_t row_bytes, int rows,
                                    int nb, const dev_q8 *__restrict__ xq, int n, int i_base,
@@ -162,18 +188,18 @@ static __global__ void mm_q_kernel(const uint8_t *__restrict__ w, size_t row_byt
     for (int b = lane; b < nb; b += CUDA_WARP) {
         const uint8_t *blk = wr + (size_t)b * BLK;
         float dw = ckv_half_to_f32(dev_u16(blk)), mw = 0.0f;
-        int wq[QK];
+        int wq[QK / 4]; /* elements 4c .. 4c+3 in wq[c] */
         if (T == CKV_W_Q8_0) {
 #pragma unroll
-            for (int j = 0; j < QK; j++)
-                wq[j] = (int8_t)blk[2 + j];
+            for (int c = 0; c < QK / 4; c++)
+                wq[c] = dev_pack4(blk + 2 + 4 * c);
         } else {
             const uint8_t *qs = blk + (T == CKV_W_Q4_1 ? 4 : 2);
-            int off = T == CKV_W_Q4_0 ? 8 : 0;
 #pragma unroll
-            for (int j = 0; j < QK / 2; j++) {
-                wq[j] = (qs[j] & 0xf) - off;
-                wq[j + QK / 2] = (qs[j] >> 4) - off;
+            for (int c = 0; c < QK / 8; c++) {
+                unsigned u = (unsigned)dev_pack4(qs + 4 * c);
+                wq[c] = (int)(u & 0x0f0f0f0fu);                 /* elements 4c .. 4c+3 */
+                wq[c + QK / 8] = (int)((u >> 4) & 0x0f0f0f0fu); /* elements 16+4c .. */
             }
             if (T == CKV_W_Q4_1)
                 mw = ckv_half_to_f32(dev_u16(blk + 2));
@@ -183,10 +209,13 @@ static __global__ void mm_q_kernel(const uint8_t *__restrict__ w, size_t row_byt
             if (i0 + k >= n)
                 break;
             const dev_q8 *xb = xq + (size_t)(i0 + k) * nb + b;
+            const int *xq4 = reinterpret_cast<const int *>(xb->q);
             int isum = 0;
 #pragma unroll
-            for (int j = 0; j < QK; j++)
-                isum += wq[j] * xb->q[j];
+            for (int c = 0; c < QK / 4; c++)
+                isum = dev_dp4a(wq[c], xq4[c], isum);
+            if (T == CKV_W_Q4_0)
+                isum -= 8 * xb->qsum;
             acc[k] = fmaf(dw * xb->d, (float)isum, acc[k]);
             if (T == CKV_W_Q4_1)
                 acc[k] = fmaf(mw, xb->s, acc[k]);

@@ -11,6 +11,7 @@
  *    f32 weights multiply f32 activations; f16 and bf16 weights multiply the activations
  *    rounded to the weight's type (cuBLAS has no mixed f16 x f32 product; llama.cpp's CUDA
  *    backend rounds them the same way), a relative 2^-11 (f16) or 2^-8 (bf16) per element;
+ *    rows and data must be element-aligned for cuBLAS (-EINVAL otherwise);
  *  - get_rows, add, add_bias: bit-equal; RoPE: bit-equal (the host computes the same cos/sin
  *    table as the CPU, the rotation never fuses); rmsnorm: the f64 sum of squares in another
  *    order; swiglu: the device's expf (within 2 ulp).

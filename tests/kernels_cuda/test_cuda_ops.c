@@ -19,6 +19,7 @@
  *  - swiglu: the device's expf is within 2 ulp: |cuda - cpu| <= 2^-20 |cpu|.
  */
 #include <criterion/criterion.h>
+#include <errno.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -213,6 +214,17 @@ Test(cuda_ops, matmul_float)
     check_matmul(gpu, cpu, CKV_W_F32, 23, 200, 7);
     check_matmul(gpu, cpu, CKV_W_F16, 23, 200, 8);
     check_matmul(gpu, cpu, CKV_W_BF16, 23, 200, 9);
+    /* cuBLAS takes the row stride in elements: an f16 row stride of odd bytes is refused */
+    struct ktest_rng r = {10};
+    struct ckv_weight w = random_weight(&r, CKV_W_F16, 4, 32), wd = w;
+    wd.row_bytes = 65;
+    wd.data = kcuda_up(gpu, w.data, 4 * 65);
+    float *xd = kcuda_alloc(gpu, 32 * sizeof(float)), *yd = kcuda_alloc(gpu, 4 * sizeof(float));
+    cr_assert_eq(ckv_matmul(gpu, &wd, xd, 1, yd), -EINVAL);
+    ckv_dev_free(gpu, yd);
+    ckv_dev_free(gpu, xd);
+    ckv_dev_free(gpu, (void *)wd.data);
+    free((void *)w.data);
     ckv_ctx_destroy(&cpu);
     ckv_ctx_destroy(&gpu);
 }
