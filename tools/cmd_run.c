@@ -73,7 +73,7 @@ static const struct ckv_config_opt run_options[] = {
                 "prompt tokens per cluster"),
     CKV_OPT_INT(struct run_cfg, full_layers, "full-layers", "2", 0, 1024,
                 "first layers always use full attention"),
-    CKV_OPT_ENUM(struct run_cfg, select, "select", "per-qhead", select_names,
+    CKV_OPT_ENUM(struct run_cfg, select, "select", "kvhead-sum", select_names,
                  "GQA selection unit: per-qhead, kvhead-max, kvhead-sum"),
     CKV_OPT_INT(struct run_cfg, threads, "threads", "0", 0, 1024, "CPU threads; 0: one per core"),
     CKV_OPT_INT(struct run_cfg, max_ctx, "max-ctx", "0", 0, 1 << 24,

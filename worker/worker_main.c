@@ -110,7 +110,7 @@ static const struct ckv_config_opt worker_options[] = {
                 "first layers always use full attention"),
     CKV_OPT_INT(C, cache_blocks, "cache-blocks", "0", 0, 1 << 30,
                 "cluster cache per sequence, in blocks (misses go to the store); 0: unbounded"),
-    CKV_OPT_ENUM(C, select, "select", "per-qhead", select_names,
+    CKV_OPT_ENUM(C, select, "select", "kvhead-sum", select_names,
                  "GQA selection unit: per-qhead, kvhead-max, kvhead-sum"),
     CKV_OPT_SIZE(C, max_msg_bytes, "max-msg-size", "4m", 4096, 1ull << 30,
                  "largest message accepted from the router"),
