@@ -10,10 +10,13 @@
  *                       compared on the copy task (continue a list of random words seen
  *                       earlier in the context)
  *   ckv eval agree      agreement of greedy decoding with full attention over --steps steps
- *   ckv eval attn       Q/K/V dumps of a real run (`ckv run --dump-qkv`) measured by
- *                       `ckv eval-attn`: attention recall, output error, cache hit rate
+ *   ckv eval attn       Q/K/V of a full-attention run dumped in-process
+ *                       (ckv_engine_seq_dump_qkv), measured by `ckv eval-attn` in-process, for
+ *                       all dumped layers together and per layer: attention recall, output
+ *                       error, cluster hit rate
  *   ckv eval sweep      ClusterKV parameters at one budget (tokens per cluster, k-means
- *                       iterations, window, sinks, GQA selection mode), by perplexity
+ *                       iterations, window, sinks, GQA selection mode): attention recall on
+ *                       the attn dumps (cheap), and perplexity (--sweep-ppl, a model run)
  *   ckv eval all        all of the above
  *
  * Every method of a comparison decodes the same tokens as one sequence of one batch
