@@ -71,3 +71,21 @@ void ckv_buf_free(struct ckv_buf *b)
     free(b->data);
     memset(b, 0, sizeof(*b));
 }
+
+int ckv_buf_json_str(struct ckv_buf *b, const char *s, size_t n)
+{
+    ckv_buf_append(b, "\"", 1);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\')
+            ckv_buf_printf(b, "\\%c", c);
+        else if (c == '\n')
+            ckv_buf_append(b, "\\n", 2);
+        else if (c < 0x20)
+            ckv_buf_printf(b, "\\u%04x", c);
+        else
+            ckv_buf_append(b, (const char *)&c, 1);
+    }
+    ckv_buf_append(b, "\"", 1);
+    return b->oom ? -ENOMEM : 0;
+}

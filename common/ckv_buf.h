@@ -28,6 +28,11 @@ int ckv_buf_append(struct ckv_buf *b, const void *data, size_t len);
 /* Appends formatted text. Returns 0 or -ENOMEM. */
 __attribute__((format(printf, 2, 3))) int ckv_buf_printf(struct ckv_buf *b, const char *fmt, ...);
 
+/* Appends s[0..n) as a JSON string literal: quotes, backslash escapes for `"` and `\\`, \n,
+ * \u00XX for other control bytes; other bytes as they are (UTF-8 passes through). Returns 0 or
+ * -ENOMEM. */
+int ckv_buf_json_str(struct ckv_buf *b, const char *s, size_t n);
+
 /* Empties the buffer, keeping its memory. */
 void ckv_buf_reset(struct ckv_buf *b);
 

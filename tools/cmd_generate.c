@@ -71,23 +71,6 @@ static void on_sigint(int sig)
     interrupted = 1;
 }
 
-static void json_str(struct ckv_buf *b, const char *s, size_t n)
-{
-    ckv_buf_append(b, "\"", 1);
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (c == '"' || c == '\\')
-            ckv_buf_printf(b, "\\%c", c);
-        else if (c == '\n')
-            ckv_buf_append(b, "\\n", 2);
-        else if (c < 0x20)
-            ckv_buf_printf(b, "\\u%04x", c);
-        else
-            ckv_buf_append(b, (const char *)&c, 1);
-    }
-    ckv_buf_append(b, "\"", 1);
-}
-
 static int usage(void)
 {
     struct ckv_buf u = {0};
@@ -238,13 +221,13 @@ int ckv_cmd_generate(int argc, char **argv)
             if (cfg.json) {
                 struct ckv_buf j = {0};
                 ckv_buf_printf(&j, "{\"text\": ");
-                json_str(&j, text.data ? text.data : "", text.len);
+                ckv_buf_json_str(&j, text.data ? text.data : "", text.len);
                 ckv_buf_printf(&j,
                                ", \"prompt_tokens\": %u, \"generated_tokens\": %u, "
                                "\"finish_reason\": \"%s\", \"worker\": ",
                                d->prompt_tokens, d->generated_tokens,
                                d->finish_reason ? d->finish_reason : "");
-                json_str(&j, d->worker ? d->worker : "", d->worker ? strlen(d->worker) : 0);
+                ckv_buf_json_str(&j, d->worker ? d->worker : "", d->worker ? strlen(d->worker) : 0);
                 ckv_buf_printf(&j,
                                ", \"ttft_ms\": %.3f, \"total_ms\": %.3f, \"queue_ms\": %.3f, "
                                "\"prefill_ms\": %.3f, \"decode_ms\": %.3f, "

@@ -162,23 +162,6 @@ static void on_progress(void *arg, int done, int total)
     fflush(stderr);
 }
 
-static void json_str(struct ckv_buf *b, const char *s, size_t n)
-{
-    ckv_buf_append(b, "\"", 1);
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (c == '"' || c == '\\')
-            ckv_buf_printf(b, "\\%c", c);
-        else if (c == '\n')
-            ckv_buf_append(b, "\\n", 2);
-        else if (c < 0x20)
-            ckv_buf_printf(b, "\\u%04x", c);
-        else
-            ckv_buf_append(b, (const char *)&c, 1);
-    }
-    ckv_buf_append(b, "\"", 1);
-}
-
 static int usage(void)
 {
     struct ckv_buf u = {0};
@@ -415,12 +398,12 @@ int ckv_cmd_run(int argc, char **argv)
     if (cfg.json) {
         struct ckv_buf j = {0};
         ckv_buf_printf(&j, "{\"model\": ");
-        json_str(&j, info->name, strlen(info->name));
+        ckv_buf_json_str(&j, info->name, strlen(info->name));
         ckv_buf_printf(&j,
                        ", \"method\": \"%s\", \"prompt_tokens\": %d, "
                        "\"generated_tokens\": %d, \"end\": \"%s\", \"text\": ",
                        ckv_kv_method_name(eo.kv.method), n_ids, generated, end_reason);
-        json_str(&j, out.data ? out.data : "", out.len);
+        ckv_buf_json_str(&j, out.data ? out.data : "", out.len);
         ckv_buf_printf(&j,
                        ", \"prefill_ms\": %.3f, \"decode_ms\": %.3f, \"prefill_tok_s\": %.2f, "
                        "\"decode_tok_s\": %.2f, \"attn_ms\": %.3f, \"matmul_ms\": %.3f, "
