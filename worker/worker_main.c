@@ -40,6 +40,7 @@
 #include "ckv_buf.h"
 #include "ckv_clock.h"
 #include "ckv_config.h"
+#include "ckv_daemon.h"
 #include "ckv_error.h"
 #include "ckv_log.h"
 #include "ckv_stats.h"
@@ -1100,53 +1101,17 @@ static int worker_run(struct worker *w)
 int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN);
-    bool dump = false;
-    char *args[argc > 0 ? argc : 1];
-    int n = 0;
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            struct ckv_buf u = {0};
-            ckv_config_usage(worker_options, &u);
-            printf("usage: ckv-worker [--config FILE] [--name value ...]\n"
-                   "       ckv-worker --dump-config [options]    print the effective config\n\n"
-                   "options (config file lines are `name value`; see deploy/stack.conf):\n%s",
-                   u.data ? u.data : "");
-            ckv_buf_free(&u);
-            return 0;
-        }
-        if (strcmp(argv[i], "--dump-config") == 0)
-            dump = true;
-        else
-            args[n++] = argv[i];
-    }
     static struct worker w;
-    char err[1024];
-    if (ckv_config_load(worker_options, &w.cfg, n, args, NULL, 0, NULL, err, sizeof(err))) {
-        fprintf(stderr, "ckv-worker: %s\n", err);
-        return 2;
-    }
-    if (dump) {
-        struct ckv_buf b = {0};
-        ckv_config_dump(worker_options, &w.cfg, &b);
-        fputs(b.data ? b.data : "", stdout);
-        ckv_buf_free(&b);
-        return 0;
-    }
-    int level;
-    if (ckv_log_level_parse(w.cfg.log_level, &level)) {
-        fprintf(stderr, "ckv-worker: log-level '%s': debug, info, warn, error or off\n",
-                w.cfg.log_level);
-        return 2;
-    }
-    ckv_log_init("ckv-worker", level);
-    if (w.cfg.log_file[0]) {
-        int fd = open(w.cfg.log_file, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-        if (fd < 0) {
-            fprintf(stderr, "ckv-worker: log-file %s: %s\n", w.cfg.log_file, strerror(errno));
-            return 2;
-        }
-        ckv_log_set_fd(fd);
-    }
+    int rc = ckv_daemon_config(
+        "ckv-worker",
+        "usage: ckv-worker [--config FILE] [--name value ...]\n"
+        "       ckv-worker --dump-config [options]    print the effective config\n\n"
+        "options (config file lines are `name value`; see deploy/worker.conf):\n",
+        worker_options, &w.cfg, NULL, NULL, NULL, argc, argv);
+    if (rc)
+        return rc == 1 ? 0 : rc;
+    if ((rc = ckv_daemon_log("ckv-worker", w.cfg.log_level, w.cfg.log_file)))
+        return rc;
     ckv_config_log(worker_options, &w.cfg);
     pthread_mutex_init(&w.mu, NULL);
     the_worker = &w;
@@ -1154,7 +1119,8 @@ int main(int argc, char **argv)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
-    int rc = worker_open(&w, err, sizeof(err));
+    char err[1024];
+    rc = worker_open(&w, err, sizeof(err));
     if (rc < 0) {
         LOG_ERROR("%s", err);
         worker_close(&w);

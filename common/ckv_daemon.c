@@ -1,0 +1,77 @@
+/* The start of a daemon's main(): see ckv_daemon.h. */
+#include "ckv_daemon.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ckv_buf.h"
+#include "ckv_log.h"
+
+int ckv_daemon_config(const char *prog, const char *usage, const struct ckv_config_opt *table,
+                      void *cfg, ckv_daemon_check_fn check, const char *const *extra_flags,
+                      unsigned *extra_set, int argc, char **argv)
+{
+    bool dump = false;
+    char *args[argc > 0 ? argc : 1];
+    int n = 0;
+    if (extra_set)
+        *extra_set = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            struct ckv_buf u = {0};
+            ckv_config_usage(table, &u);
+            printf("%s%s", usage, u.data ? u.data : "");
+            ckv_buf_free(&u);
+            return 1;
+        }
+        if (strcmp(argv[i], "--dump-config") == 0) {
+            dump = true;
+            continue;
+        }
+        int extra = -1;
+        for (int f = 0; extra_flags && extra_flags[f]; f++)
+            if (strcmp(argv[i], extra_flags[f]) == 0)
+                extra = f;
+        if (extra >= 0 && extra_set)
+            *extra_set |= 1u << extra;
+        else
+            args[n++] = argv[i];
+    }
+    char err[1024];
+    if (ckv_config_load(table, cfg, n, args, NULL, 0, NULL, err, sizeof(err)) ||
+        (check && check(cfg, err, sizeof(err)))) {
+        fprintf(stderr, "%s: %s\n", prog, err);
+        return 2;
+    }
+    if (dump) {
+        struct ckv_buf b = {0};
+        ckv_config_dump(table, cfg, &b);
+        fputs(b.data ? b.data : "", stdout);
+        ckv_buf_free(&b);
+        return 1;
+    }
+    return 0;
+}
+
+int ckv_daemon_log(const char *prog, const char *level, const char *log_file)
+{
+    int lv;
+    if (ckv_log_level_parse(level, &lv)) {
+        fprintf(stderr, "%s: log-level '%s': debug, info, warn, error or off\n", prog, level);
+        return 2;
+    }
+    ckv_log_init(prog, lv);
+    if (log_file && log_file[0]) {
+        int fd = open(log_file, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+        if (fd < 0) {
+            fprintf(stderr, "%s: log-file %s: %s\n", prog, log_file, strerror(errno));
+            return 2;
+        }
+        ckv_log_set_fd(fd);
+    }
+    return 0;
+}
