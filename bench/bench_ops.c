@@ -18,8 +18,10 @@
  * second by as many threads as the context has (each byte is read once and written once).
  *
  * With CKV_BENCH_OPENBLAS (the build defines it when OpenBLAS is found), f32 rows also show
- * cblas_sgemm on the same data and thread count: the comparison cpu_ops.c cites for its
- * choice of kernel for float prefill.
+ * cblas_sgemm on the same data with OpenBLAS's own threads (as many as the context's). Note
+ * that ckv_matmul itself hands f32 products of 32+ rows to OpenBLAS (one thread per pool
+ * task, kernels/cpu/cpu_ops.c says why); CKV_OPS_BLAS=0 in the environment keeps them on our
+ * kernel, to compare the two.
  */
 #include <errno.h>
 #include <math.h>

@@ -1,7 +1,7 @@
 /*
  * The backend-neutral entry points of ops.h: arguments are checked here, once for all
- * backends, and the call goes to the CPU backend (kernels/cpu/cpu_ops*.c). A CUDA context
- * answers CKV_EUNSUPPORTED until the CUDA backend implements these ops.
+ * backends, and the call goes to the context's backend: the CPU one (kernels/cpu/cpu_ops*.c)
+ * or, in a build with CUDA (CKV_HAVE_CUDA), the CUDA one (kernels/cuda/cuda_ops.cu).
  */
 #include <errno.h>
 #include <math.h>
@@ -11,6 +11,16 @@
 #include "cpu/cpu_ops.h"
 #include "kernels_impl.h"
 #include "ops.h"
+#ifdef CKV_HAVE_CUDA
+#include "cuda/cuda_ops.h"
+#endif
+
+/* The backend's entry point `fn` for ctx: cpu_<fn>, or cuda_<fn> for a CUDA context. */
+#ifdef CKV_HAVE_CUDA
+#define OPS(ctx, fn) ((ctx)->backend == CKV_BACKEND_CUDA ? cuda_##fn : cpu_##fn)
+#else
+#define OPS(ctx, fn) cpu_##fn
+#endif
 
 int ckv_wtype_supported(int type)
 {
@@ -69,10 +79,14 @@ static int weight_ok(const struct ckv_weight *w)
     return rb > 0 && w->row_bytes >= rb;
 }
 
-/* The only backend with these ops today is the CPU one. */
+/* A backend this build implements the ops for. */
 static int backend_ok(ckv_ctx_t *ctx)
 {
+#ifdef CKV_HAVE_CUDA
+    return ctx->backend == CKV_BACKEND_CPU || ctx->backend == CKV_BACKEND_CUDA;
+#else
     return ctx->backend == CKV_BACKEND_CPU;
+#endif
 }
 
 int ckv_matmul(ckv_ctx_t *ctx, const struct ckv_weight *w, const float *x, int n, float *y)
@@ -81,7 +95,7 @@ int ckv_matmul(ckv_ctx_t *ctx, const struct ckv_weight *w, const float *x, int n
         return -EINVAL;
     if (!backend_ok(ctx))
         return CKV_EUNSUPPORTED;
-    return cpu_matmul(ctx, w, x, n, y);
+    return OPS(ctx, matmul)(ctx, w, x, n, y);
 }
 
 int ckv_get_rows(ckv_ctx_t *ctx, const struct ckv_weight *w, const int32_t *ids, int n, float *out)
@@ -93,7 +107,7 @@ int ckv_get_rows(ckv_ctx_t *ctx, const struct ckv_weight *w, const int32_t *ids,
             return -EINVAL;
     if (!backend_ok(ctx))
         return CKV_EUNSUPPORTED;
-    return cpu_get_rows(ctx, w, ids, n, out);
+    return OPS(ctx, get_rows)(ctx, w, ids, n, out);
 }
 
 int ckv_rmsnorm(ckv_ctx_t *ctx, const float *x, const float *weight, int n, int dim, float eps,
@@ -103,7 +117,7 @@ int ckv_rmsnorm(ckv_ctx_t *ctx, const float *x, const float *weight, int n, int 
         return -EINVAL;
     if (!backend_ok(ctx))
         return CKV_EUNSUPPORTED;
-    return cpu_rmsnorm(ctx, x, weight, n, dim, eps, out);
+    return OPS(ctx, rmsnorm)(ctx, x, weight, n, dim, eps, out);
 }
 
 int ckv_rope(ckv_ctx_t *ctx, float *x, int n, int n_heads, int head_dim, const int32_t *pos,
@@ -120,7 +134,7 @@ int ckv_rope(ckv_ctx_t *ctx, float *x, int n, int n_heads, int head_dim, const i
                 return -EINVAL;
     if (!backend_ok(ctx))
         return CKV_EUNSUPPORTED;
-    return cpu_rope(ctx, x, n, n_heads, head_dim, pos, p);
+    return OPS(ctx, rope)(ctx, x, n, n_heads, head_dim, pos, p);
 }
 
 int ckv_swiglu(ckv_ctx_t *ctx, const float *gate, const float *up, size_t n, float *out)
@@ -129,7 +143,7 @@ int ckv_swiglu(ckv_ctx_t *ctx, const float *gate, const float *up, size_t n, flo
         return -EINVAL;
     if (!backend_ok(ctx))
         return CKV_EUNSUPPORTED;
-    return n ? cpu_swiglu(ctx, gate, up, n, out) : 0;
+    return n ? OPS(ctx, swiglu)(ctx, gate, up, n, out) : 0;
 }
 
 int ckv_add(ckv_ctx_t *ctx, float *x, const float *y, size_t n)
@@ -138,7 +152,7 @@ int ckv_add(ckv_ctx_t *ctx, float *x, const float *y, size_t n)
         return -EINVAL;
     if (!backend_ok(ctx))
         return CKV_EUNSUPPORTED;
-    return n ? cpu_add(ctx, x, y, n) : 0;
+    return n ? OPS(ctx, add)(ctx, x, y, n) : 0;
 }
 
 int ckv_add_bias(ckv_ctx_t *ctx, float *x, const float *bias, int n, int dim)
@@ -147,5 +161,5 @@ int ckv_add_bias(ckv_ctx_t *ctx, float *x, const float *bias, int n, int dim)
         return -EINVAL;
     if (!backend_ok(ctx))
         return CKV_EUNSUPPORTED;
-    return cpu_add_bias(ctx, x, bias, n, dim);
+    return OPS(ctx, add_bias)(ctx, x, bias, n, dim);
 }

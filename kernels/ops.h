@@ -7,8 +7,9 @@
  * and a failed call has written nothing the caller may rely on. Activations are f32.
  *
  * The CPU backend implements every op (kernels/cpu/cpu_ops*.c), threaded on the context's
- * pool and dispatched on the context's ISA; the CUDA backend answers CKV_EUNSUPPORTED until it
- * implements them (cuBLAS for the float products).
+ * pool and dispatched on the context's ISA, and is the reference; the CUDA backend
+ * (kernels/cuda/cuda_ops.cu, cuda_ops.h says how it agrees with the CPU) implements every op
+ * too: cuBLAS for the float products, own kernels for the rest.
  */
 #ifndef CKV_OPS_H
 #define CKV_OPS_H
@@ -55,10 +56,16 @@ size_t ckv_wtype_row_bytes(int type, int cols);
 
 /* y (n, w->rows) = x (n, w->cols) . W^T, for n >= 1 activation rows (a batch of tokens).
  * Float weights: f32 accumulation of products of f32 values. Quantized weights: each
- * 32-element block of x is first quantized to 8 bits (symmetric, d = max|x|/127, as llama.cpp's
- * Q8_0/Q8_1 activations) and the block dot products are integer, scaled in f32: this is what
- * llama.cpp computes, so logits agree with it closely. The kernel and its reason are documented
- * in cpu_ops.c. */
+ * 32-element block of x is first quantized to 8 bits exactly as llama.cpp's Q8_0/Q8_1
+ * activations on x86: q = round(x * (127/max|x|)) to nearest even, computed in f32; the scale
+ * d_x = f16(max|x|/127) (the f32 quotient rounded to f16, nearest even; the codes do not see
+ * that rounding); the block dot products are integer, scaled in f32:
+ *   Q8_0, Q4_0: dot = sum_b d_w*d_x*sum(q_w*q_x)
+ *   Q4_1:       dot = sum_b d_w*d_x*sum(q_w*q_x) + m_w*s_x, s_x = f16(f32(max|x|/127)*sum(q_x))
+ * (llama.cpp's Q8_1 s, from the unrounded d). Only the order of the f32 sums differs from
+ * llama.cpp. A d or s beyond f16's range (|x| > ~8e6, or a Q8_1 sum > 65504) stays f32 where
+ * llama.cpp's becomes inf. The kernels and their reasons are documented in cpu_ops.c.
+ * CUDA: f16 and bf16 weights multiply x rounded to their type (cuBLAS, cuda_ops.h). */
 int ckv_matmul(ckv_ctx_t *ctx, const struct ckv_weight *w, const float *x, int n, float *y);
 
 /* Embedding lookup: out (n, w->cols) f32 = dequantized rows ids[i] of w (0 <= ids[i] <
@@ -87,7 +94,10 @@ struct ckv_rope_params {
 };
 
 /* In place on x (n, n_heads, head_dim): token i at position pos[i] (host array). The angle of
- * pair i is pos * freq_scale * theta^(-2i/n_rot) / factor_i, computed in f64 then rounded. */
+ * pair i is pos * freq_scale * theta^(-2i/n_rot) / factor_i, computed in f64; its cos and sin
+ * (f64) are rounded to f32 and the rotation is f32. Dimensions n_rot.. head_dim-1 are left
+ * as they are. -EINVAL: n_rot odd, < 2 or > head_dim, theta or freq_scale not finite and > 0,
+ * a freq_factor not finite and > 0. */
 int ckv_rope(ckv_ctx_t *ctx, float *x, int n, int n_heads, int head_dim, const int32_t *pos,
              const struct ckv_rope_params *p);
 

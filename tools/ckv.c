@@ -21,6 +21,8 @@ static const struct ckv_cmd cmds[] = {
      "quality of ClusterKV and baselines on the model: ppl, retrieval, agree, attn, sweep"},
     {"eval-attn", ckv_cmd_eval_attn,
      "attention recall / error / cache hits of ClusterKV and baselines (dumps or synthetic)"},
+    {"generate", ckv_cmd_generate, "send one request to a running stack and stream the text"},
+    {"top", ckv_cmd_top, "live table of the stack (router requests, workers) from its stats"},
 };
 
 static void usage(FILE *f)

@@ -10,5 +10,7 @@ int ckv_cmd_stats(int argc, char **argv);
 int ckv_cmd_eval_attn(int argc, char **argv);
 int ckv_cmd_run(int argc, char **argv);
 int ckv_cmd_eval(int argc, char **argv);
+int ckv_cmd_generate(int argc, char **argv);
+int ckv_cmd_top(int argc, char **argv);
 
 #endif

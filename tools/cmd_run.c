@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "ckv_buf.h"
+#include "ckv_clock.h"
 #include "ckv_cmds.h"
 #include "ckv_config.h"
 #include "ckv_error.h"
@@ -28,8 +29,7 @@
 #include "sampler.h"
 
 #define DEFAULT_MODEL_NAME "SmolLM2-135M-Instruct.Q4_1.gguf"
-#define DEFAULT_PROMPT                                                                             \
-    "Explain in a few sentences why the sky is blue, for a curious ten-year-old."
+#define DEFAULT_PROMPT     "Explain in a few sentences why the sky is blue, for a curious ten-year-old."
 
 static const char *const method_names[] = {"full", "clusterkv", "quest", "streaming", NULL};
 static const char *const select_names[] = {"per-qhead", "kvhead-max", "kvhead-sum", NULL};
@@ -73,7 +73,7 @@ static const struct ckv_config_opt run_options[] = {
                 "prompt tokens per cluster"),
     CKV_OPT_INT(struct run_cfg, full_layers, "full-layers", "2", 0, 1024,
                 "first layers always use full attention"),
-    CKV_OPT_ENUM(struct run_cfg, select, "select", "per-qhead", select_names,
+    CKV_OPT_ENUM(struct run_cfg, select, "select", "kvhead-sum", select_names,
                  "GQA selection unit: per-qhead, kvhead-max, kvhead-sum"),
     CKV_OPT_INT(struct run_cfg, threads, "threads", "0", 0, 1024, "CPU threads; 0: one per core"),
     CKV_OPT_INT(struct run_cfg, max_ctx, "max-ctx", "0", 0, 1 << 24,
@@ -146,7 +146,7 @@ static int parse_layers(const char *s, int n_layers, int from, int *out)
 }
 
 struct progress {
-    bool show;
+    bool show, tty;
     uint64_t t0;
 };
 
@@ -155,9 +155,10 @@ static void on_progress(void *arg, int done, int total)
     struct progress *p = arg;
     if (!p->show)
         return;
-    fprintf(stderr, "\rprefill: %d / %d tokens", done, total);
-    if (done == total)
-        fputc('\n', stderr);
+    /* one line rewritten in place on a terminal, one line per chunk in a log */
+    double s = ckv_elapsed_s(p->t0);
+    fprintf(stderr, "%sprefill: %d / %d tokens, %.1f s, %.0f tokens/s%s", p->tty ? "\r" : "", done,
+            total, s, s > 0 ? done / s : 0.0, p->tty && done < total ? "" : "\n");
     fflush(stderr);
 }
 
@@ -353,7 +354,8 @@ int ckv_cmd_run(int argc, char **argv)
     fprintf(stderr, "ckv run: %s (%s, %d layers, %s), %s, method %s, prompt %d tokens\n",
             info->name, info->arch, info->n_layers, info->weight_type,
             ckv_ctx_describe(ckv_engine_ctx(e)), ckv_kv_method_name(eo.kv.method), n_ids);
-    struct progress pg = {.show = n_ids > cfg.prefill_chunk};
+    struct progress pg = {
+        .show = n_ids > cfg.prefill_chunk, .tty = isatty(2) == 1, .t0 = ckv_now_ns()};
     if ((rc = ckv_engine_prefill(e, seq, ids, n_ids, logits, on_progress, &pg)) < 0) {
         fprintf(stderr, "ckv run: prefill: %s\n", ckv_strerror(rc));
         goto done_smp;
@@ -403,9 +405,8 @@ int ckv_cmd_run(int argc, char **argv)
     ckv_engine_stats(e, &st);
     double pre_tps = st.prefill_ms > 0 ? (double)st.prefill_tokens * 1e3 / st.prefill_ms : 0;
     double dec_tps = st.decode_ms > 0 ? (double)st.decode_tokens * 1e3 / st.decode_ms : 0;
-    double pre_attn = after_prefill.prefill_ms > 0
-                          ? 100.0 * after_prefill.attn_ms / after_prefill.prefill_ms
-                          : 0;
+    double pre_attn =
+        after_prefill.prefill_ms > 0 ? 100.0 * after_prefill.attn_ms / after_prefill.prefill_ms : 0;
     double dec_attn_ms = st.attn_ms - after_prefill.attn_ms;
     double dec_attn = st.decode_ms > 0 ? 100.0 * dec_attn_ms / st.decode_ms : 0;
     double all_ms = st.prefill_ms + st.decode_ms;
@@ -415,8 +416,9 @@ int ckv_cmd_run(int argc, char **argv)
         struct ckv_buf j = {0};
         ckv_buf_printf(&j, "{\"model\": ");
         json_str(&j, info->name, strlen(info->name));
-        ckv_buf_printf(&j, ", \"method\": \"%s\", \"prompt_tokens\": %d, "
-                           "\"generated_tokens\": %d, \"end\": \"%s\", \"text\": ",
+        ckv_buf_printf(&j,
+                       ", \"method\": \"%s\", \"prompt_tokens\": %d, "
+                       "\"generated_tokens\": %d, \"end\": \"%s\", \"text\": ",
                        ckv_kv_method_name(eo.kv.method), n_ids, generated, end_reason);
         json_str(&j, out.data ? out.data : "", out.len);
         ckv_buf_printf(&j,

@@ -12,6 +12,7 @@
 #ifndef CKV_BLOCK_STORE_H
 #define CKV_BLOCK_STORE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -27,8 +28,8 @@ struct ckv_block_store_ops {
                const void *const *blocks, int n);
     /* Copies n clusters into dst[i] (host memory, room for the cluster's blocks);
      * n_blocks[i] receives its block count. One call per layer's misses. */
-    int (*get)(void *self, const struct ckv_cluster_key *keys, void *const *dst,
-               int32_t *n_blocks, int n);
+    int (*get)(void *self, const struct ckv_cluster_key *keys, void *const *dst, int32_t *n_blocks,
+               int n);
     /* Forgets every cluster of seq_uid. */
     int (*drop)(void *self, uint64_t seq_uid);
     void (*destroy)(void *self);
@@ -68,6 +69,30 @@ void ckv_block_store_destroy(struct ckv_block_store **s);
 struct ckv_block_store_mem_stats {
     uint64_t clusters, blocks, puts, gets, drops;
 };
-int ckv_block_store_mem_stats(const struct ckv_block_store *s, struct ckv_block_store_mem_stats *out);
+int ckv_block_store_mem_stats(const struct ckv_block_store *s,
+                              struct ckv_block_store_mem_stats *out);
+
+/* Store backed by ckv-kvstore (block_store_kvs.c): connects to the store at endpoint
+ * (client_name is for its logs; timeout_ms bounds each request) and maps its segment.
+ * block_bytes: the model's ckv_block_bytes(), checked against the store's geometry (0: not
+ * checked). Returns 0, or a negative error with a message in err (-ETIMEDOUT: no store
+ * there; -EINVAL: another block geometry). *out is freed with ckv_block_store_destroy(). */
+int ckv_block_store_kvs_new(const char *endpoint, const char *client_name, int timeout_ms,
+                            size_t block_bytes, struct ckv_block_store **out, char *err,
+                            size_t errlen);
+
+/* Counters of a kvstore-backed store (tests, stats). */
+struct ckv_block_store_kvs_stats {
+    uint64_t puts, clusters_put, blocks_put;
+    uint64_t gets, clusters_got, blocks_got, restored;
+    uint64_t drops, errors;
+};
+int ckv_block_store_kvs_stats(const struct ckv_block_store *s,
+                              struct ckv_block_store_kvs_stats *out);
+
+/* Appends the store daemon's own stats (key:value or Prometheus) to out. */
+struct ckv_buf;
+int ckv_block_store_kvs_store_stats(struct ckv_block_store *s, bool prometheus,
+                                    struct ckv_buf *out);
 
 #endif

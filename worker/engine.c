@@ -74,8 +74,8 @@ int ckv_engine_open(const struct ckv_engine_opts *o, ckv_engine_t **out, char *e
     *out = NULL;
     if (!o->model_path)
         return ckv_errorf(-EINVAL, err, errlen, "no model path");
-    if (o->max_seqs < 1 || o->max_seqs > 4096 || o->prefill_chunk < 1 ||
-        o->prefill_chunk > 65536 || o->max_ctx < 0 || o->n_threads < 0)
+    if (o->max_seqs < 1 || o->max_seqs > 4096 || o->prefill_chunk < 1 || o->prefill_chunk > 65536 ||
+        o->max_ctx < 0 || o->n_threads < 0)
         return ckv_errorf(-EINVAL, err, errlen,
                           "engine options out of range (max_seqs %d, prefill_chunk %d, max_ctx "
                           "%d, threads %d)",
@@ -96,7 +96,11 @@ int ckv_engine_open(const struct ckv_engine_opts *o, ckv_engine_t **out, char *e
 
     char msg[256];
     if ((rc = gguf_open(o->model_path, &e->gguf, msg, sizeof(msg))) < 0) {
-        ckv_errorf(rc, err, errlen, "%s: %s", o->model_path, msg);
+        /* the reader's message may already name the file */
+        if (strstr(msg, o->model_path))
+            ckv_errorf(rc, err, errlen, "%s", msg);
+        else
+            ckv_errorf(rc, err, errlen, "%s: %s", o->model_path, msg);
         goto err;
     }
     if ((rc = ckv_model_load(e->gguf, o->model_path, &e->model, msg, sizeof(msg))) < 0) {
@@ -355,8 +359,7 @@ out:
     return rc;
 }
 
-int ckv_engine_decode(ckv_engine_t *e, const int *seqs, const int32_t *tokens, int n,
-                      float *logits)
+int ckv_engine_decode(ckv_engine_t *e, const int *seqs, const int32_t *tokens, int n, float *logits)
 {
     if (!e || n < 1 || n > e->o.max_seqs || !seqs || !tokens || !logits)
         return -EINVAL;

@@ -18,7 +18,7 @@
  * during prefill (the writer wants them at open), then every decode step is appended. */
 struct ckv_engine_dump {
     int layer;
-    float *pk, *pv;  /* (n_prompt, n_kv_heads, head_dim) f32, grown during prefill */
+    float *pk, *pv; /* (n_prompt, n_kv_heads, head_dim) f32, grown during prefill */
     int n_prompt, cap;
     struct ckv_qkv_writer *w; /* open after prefill */
 };
@@ -27,7 +27,7 @@ struct ckv_engine_seq {
     bool live, prefilled;
     uint64_t uid;
     ckv_kvcache_t *kv;
-    char *dump_dir;          /* NULL: no dump */
+    char *dump_dir; /* NULL: no dump */
     struct ckv_engine_dump *dumps;
     int n_dumps;
 };
@@ -43,22 +43,22 @@ struct ckv_engine {
     ckv_ctx_t *ctx;
     struct ckv_block_store *store;
     bool own_store;
-    int max_ctx;              /* tokens per sequence */
+    int max_ctx;                 /* tokens per sequence */
     struct ckv_engine_seq *seqs; /* (max_seqs) */
     uint64_t next_uid;
 
     /* Scratch for up to max_tokens tokens at once (max(prefill_chunk, max_seqs)), device
      * memory of ctx, allocated at open. */
     int max_tokens;
-    float *x;       /* (T, n_embd) residual stream */
-    float *xn;      /* (T, n_embd) normalised input of a block / block output */
-    float *q;       /* (T, n_q_heads * head_dim) post-RoPE */
-    float *k, *v;   /* (T, n_kv_heads * head_dim), k post-RoPE */
-    float *att;     /* (T, n_q_heads * head_dim) attention output */
+    float *x;         /* (T, n_embd) residual stream */
+    float *xn;        /* (T, n_embd) normalised input of a block / block output */
+    float *q;         /* (T, n_q_heads * head_dim) post-RoPE */
+    float *k, *v;     /* (T, n_kv_heads * head_dim), k post-RoPE */
+    float *att;       /* (T, n_q_heads * head_dim) attention output */
     float *gate, *up; /* (T, n_ff) */
-    float *logits;  /* (max_seqs, n_vocab) */
-    int32_t *pos;   /* (T) host: positions of the tokens */
-    int32_t *ids;   /* (T) device: token ids for the embedding lookup */
+    float *logits;    /* (max_seqs, n_vocab) */
+    int32_t *pos;     /* (T) host: positions of the tokens */
+    int32_t *ids;     /* (T) device: token ids for the embedding lookup */
 
     struct ckv_engine_stats stats;
     struct ckv_kv_stats freed_kv; /* of sequences already freed */

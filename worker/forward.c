@@ -54,8 +54,7 @@ static int attention(struct ckv_engine *e, const int *seqs, int n, bool decode, 
         for (int i = 0; i < n; i++) {
             struct ckv_engine_seq *s = &e->seqs[seqs[i]];
             const float *k = e->k + i * kvd, *v = e->v + i * kvd, *q = e->q + i * qd;
-            if (s->dump_dir &&
-                (rc = ckv_engine_dump_step(e, s, l, e->pos[i], q, k, v)) < 0)
+            if (s->dump_dir && (rc = ckv_engine_dump_step(e, s, l, e->pos[i], q, k, v)) < 0)
                 return rc;
             if ((rc = ckv_kvcache_append(s->kv, l, k, v, 1)) < 0 ||
                 (rc = ckv_kvcache_attn_decode(s->kv, l, q, e->att + i * qd)) < 0)
@@ -127,8 +126,7 @@ int ckv_forward(struct ckv_engine *e, const int *seqs, const int32_t *tokens, in
     int rows = decode ? n : 1;
     if ((rc = ckv_rmsnorm(ctx, xs, m->output_norm, rows, d, in->rms_eps, e->xn)) < 0 ||
         (rc = mm(e, &m->output, e->xn, rows, e->logits)) < 0 ||
-        (rc = ckv_copy_d2h(ctx, logits, e->logits, (size_t)rows * in->n_vocab * sizeof(float))) <
-            0)
+        (rc = ckv_copy_d2h(ctx, logits, e->logits, (size_t)rows * in->n_vocab * sizeof(float))) < 0)
         return rc;
     return 0;
 }

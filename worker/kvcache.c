@@ -116,7 +116,7 @@ struct ckv_kvcache {
     uint32_t stamp;
 
     /* per-step scratch, grown and never shrunk (no allocation on the steady decode path) */
-    int max_sel, cap_sel;                  /* selection capacity per unit */
+    int max_sel;                           /* selection capacity per unit */
     int32_t *sel_dev, *cnt_dev, *take_dev; /* device selection outputs */
     int32_t *sel, *cnt, *take;             /* host copies */
     struct ckv_block_ref *refs, *refs_dev;
@@ -200,6 +200,7 @@ void ckv_kv_opts_default(struct ckv_kv_opts *o)
     o->dtype = CKV_DTYPE_F16;
     o->cache_blocks = 0;
     o->seed = 0x5eed;
+    o->small_full = 1;
 }
 
 int ckv_kv_opts_check(const struct ckv_kv_opts *o, char *err, size_t errlen)
@@ -679,12 +680,15 @@ static int layer_rebuild(ckv_kvcache_t *kv, struct kv_layer *L)
             free(sizes);
             return rc;
         }
-        memcpy(sizes + o, H->size, sizeof(int32_t) * (size_t)H->n_clu);
+        if (H->n_clu)
+            memcpy(sizes + o, H->size, sizeof(int32_t) * (size_t)H->n_clu);
         max_clu = CKV_MAX(max_clu, H->n_clu);
         if (H->clustered > kv->o.budget)
             all_small = 0;
     }
-    rc = ckv_copy_h2d(kv->ctx, L->size_all, sizes, sizeof(int32_t) * (size_t)L->n_clu_total);
+    rc = L->n_clu_total
+             ? ckv_copy_h2d(kv->ctx, L->size_all, sizes, sizeof(int32_t) * (size_t)L->n_clu_total)
+             : 0;
     free(sizes);
     if (rc == 0)
         rc = ckv_copy_h2d(kv->ctx, L->head_off_dev, L->head_off,
@@ -1049,7 +1053,9 @@ static int clusterkv_end_prefill(ckv_kvcache_t *kv, int l)
     }
     if (rc == 0 && ncl > 0) {
         int C = (ncl + kv->o.tokens_per_cluster - 1) / kv->o.tokens_per_cluster;
-        rc = cluster_range(kv, l, L->n_sink, ncl, C, 0);
+        /* written through: the store holds them, the cache keeps what it can (DESIGN.md), so
+         * the first decode steps do not recall the whole prompt */
+        rc = cluster_range(kv, l, L->n_sink, ncl, C, 1);
     }
     if (rc == 0)
         rc = layer_rebuild(kv, L);
@@ -1185,43 +1191,32 @@ static int miss_reserve(ckv_kvcache_t *kv, int n)
     return 0;
 }
 
-/* Which clusters of layer L each unit attends: the selection kernel's, or every cluster
- * when no head has more than `budget` clustered tokens (full attention, no scoring). */
+/* Which clusters of layer L each unit attends: ckv_select_clusters() (the layer has a head
+ * with more than `budget` clustered tokens; layers without one attend in full). */
 static int clusterkv_select(ckv_kvcache_t *kv, struct kv_layer *L, const float *q)
 {
     int nu = kv->n_units, ms = kv->max_sel, rc;
-    if (L->n_clu_total > 0 && !L->all_small) {
-        struct ckv_select_args a = {
-            .n_q_heads = kv->g.n_q_heads,
-            .n_kv_heads = kv->g.n_kv_heads,
-            .head_dim = kv->g.head_dim,
-            .mode = kv->o.select_mode,
-            .q = q,
-            .centroids = L->cent_all,
-            .sizes = L->size_all,
-            .head_offsets = L->head_off_dev,
-            .n_clusters_total = L->n_clu_total,
-            .budget = kv->o.budget,
-            .max_selected = ms,
-            .sel_clusters = kv->sel_dev,
-            .sel_count = kv->cnt_dev,
-            .sel_last_take = kv->take_dev,
-        };
-        if ((rc = ckv_select_clusters(kv->ctx, &a)) ||
-            (rc = ckv_copy_d2h(kv->ctx, kv->sel, kv->sel_dev, sizeof(int32_t) * (size_t)nu * ms)) ||
-            (rc = ckv_copy_d2h(kv->ctx, kv->cnt, kv->cnt_dev, sizeof(int32_t) * (size_t)nu)) ||
-            (rc = ckv_copy_d2h(kv->ctx, kv->take, kv->take_dev, sizeof(int32_t) * (size_t)nu)))
-            return rc;
-        return 0;
-    }
-    for (int u = 0; u < nu; u++) {
-        int h = unit_head(kv, u);
-        struct ckv_head *H = &L->heads[h];
-        kv->cnt[u] = H->n_clu;
-        for (int i = 0; i < H->n_clu; i++)
-            kv->sel[(size_t)u * ms + i] = L->head_off[h] + i;
-        kv->take[u] = H->n_clu ? H->size[H->n_clu - 1] : 0;
-    }
+    struct ckv_select_args a = {
+        .n_q_heads = kv->g.n_q_heads,
+        .n_kv_heads = kv->g.n_kv_heads,
+        .head_dim = kv->g.head_dim,
+        .mode = kv->o.select_mode,
+        .q = q,
+        .centroids = L->cent_all,
+        .sizes = L->size_all,
+        .head_offsets = L->head_off_dev,
+        .n_clusters_total = L->n_clu_total,
+        .budget = kv->o.budget,
+        .max_selected = ms,
+        .sel_clusters = kv->sel_dev,
+        .sel_count = kv->cnt_dev,
+        .sel_last_take = kv->take_dev,
+    };
+    if ((rc = ckv_select_clusters(kv->ctx, &a)) ||
+        (rc = ckv_copy_d2h(kv->ctx, kv->sel, kv->sel_dev, sizeof(int32_t) * (size_t)nu * ms)) ||
+        (rc = ckv_copy_d2h(kv->ctx, kv->cnt, kv->cnt_dev, sizeof(int32_t) * (size_t)nu)) ||
+        (rc = ckv_copy_d2h(kv->ctx, kv->take, kv->take_dev, sizeof(int32_t) * (size_t)nu)))
+        return rc;
     return 0;
 }
 
@@ -1315,8 +1310,28 @@ static int clusterkv_decode(ckv_kvcache_t *kv, int l, const float *q, float *out
     int rc, n_refs = 0, nu = kv->n_units, ms;
     if (L->dirty && (rc = layer_rebuild(kv, L)))
         return rc;
+    if (L->all_small) {
+        /* every head's clusters fit the budget: all of them would be selected, i.e. full
+         * attention; the contiguous cache gives it bit for bit (the blocks would sum in
+         * cluster order: the same to rounding, but the engine's quantised activations can
+         * turn such 1e-6 differences into other greedy tokens at near-ties) */
+        uint64_t t0 = ckv_now_ns();
+        rc = attn_full(kv, L, q, out);
+        kv->st.attn_ms += ms_since(t0);
+        return rc;
+    }
     ms = kv->max_sel;
     uint64_t t0 = ckv_now_ns();
+    if (L->all_small && kv->o.small_full) {
+        /* ALGORITHM.md section 3: a layer whose heads all have at most `budget` clustered
+         * tokens attends to everything, so it runs full attention over the contiguous cache:
+         * bit for bit what method full computes. Over blocks the sum would run in another
+         * order, and the engine's 8-bit activation quantization turns such last-bit
+         * differences into visible logit changes (tests/worker/test_engine.c). */
+        rc = attn_full(kv, L, q, out);
+        kv->st.attn_ms += ms_since(t0);
+        return rc;
+    }
     if ((rc = clusterkv_select(kv, L, q)))
         return rc;
     uint64_t t1 = ckv_now_ns();
@@ -1500,5 +1515,28 @@ int ckv_kvcache_end_step(ckv_kvcache_t *kv)
         L->wstart += L->n_win;
         L->n_win = 0;
     }
+    return 0;
+}
+
+int ckv_kvcache_clusters(const ckv_kvcache_t *kv, int layer, int kv_head,
+                         struct ckv_kv_clusters *out)
+{
+    if (!kv || !out || kv->o.method != CKV_KV_CLUSTERKV || !kv->prefilled || layer < 0 ||
+        layer >= kv->g.n_layers || !layer_sparse(kv, layer) || kv_head < 0 ||
+        kv_head >= kv->g.n_kv_heads)
+        return -EINVAL;
+    const struct kv_layer *L = &kv->layers[layer];
+    const struct ckv_head *H = &L->heads[kv_head];
+    static const int32_t zero = 0; /* the offsets of a head that never had a cluster */
+    *out = (struct ckv_kv_clusters){
+        .n_clusters = H->n_clu,
+        .sizes = H->size,
+        .offsets = H->mem0 ? H->mem0 : &zero,
+        .members = H->members,
+        .centroids = H->cent,
+        .n_sinks = L->n_sink,
+        .window_start = L->wstart,
+        .n_window = L->n_win,
+    };
     return 0;
 }

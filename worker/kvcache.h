@@ -9,7 +9,8 @@
  *              decoded tokens is clustered into window_clusters new clusters. Clusters live in
  *              a block store (block_store.h) as 16-token blocks and are recalled through a
  *              per-sequence cluster cache; layers < full_layers and (layer, head)s whose
- *              clustered tokens number at most `budget` use full attention.
+ *              clustered tokens number at most `budget` use full attention (a layer whose
+ *              heads all do attends the contiguous cache: bit for bit the method full).
  *   quest      16-token pages of consecutive tokens, min/max key bounds, top budget/16 pages,
  *              the current page always (ALGORITHM.md section 6); first full_layers full.
  *   streaming  sinks + the most recent `budget` tokens (StreamingLLM); the first full_layers
@@ -75,6 +76,9 @@ struct ckv_kv_opts {
     enum ckv_dtype dtype;   /* KV dtype; f16 */
     int cache_blocks;       /* cluster cache capacity in blocks per sequence; 0: unbounded */
     uint64_t seed;          /* k-means seed */
+    int small_full;         /* 1: a layer whose heads all have at most `budget` clustered
+                               tokens runs full attention over the contiguous cache (bit for
+                               bit method full); 0: through its blocks (tests of that path) */
 };
 
 /* The defaults above (method clusterkv). */
@@ -139,5 +143,22 @@ int ckv_kvcache_attn_decode(ckv_kvcache_t *kv, int layer, const float *q, float 
 int ckv_kvcache_end_step(ckv_kvcache_t *kv);
 
 void ckv_kvcache_stats(const ckv_kvcache_t *kv, struct ckv_kv_stats *out);
+
+/* The clusters of one (layer, KV head) of a clusterkv sequence (evaluation, debugging): in
+ * creation order (prompt clusters, then each window's), host arrays owned by kv and valid
+ * until its next end_step/free. Cluster c holds the positions members[offsets[c] ..
+ * offsets[c+1]), ascending; sizes[c] = offsets[c+1] - offsets[c]. */
+struct ckv_kv_clusters {
+    int n_clusters;
+    const int32_t *sizes;   /* (n_clusters) */
+    const int32_t *offsets; /* (n_clusters + 1) */
+    const int32_t *members; /* (offsets[n_clusters]) token positions */
+    const float *centroids; /* (n_clusters, head_dim) f32, device memory of the context */
+    int n_sinks;            /* positions [0, n_sinks) are sinks */
+    int window_start, n_window; /* the window: [window_start, window_start + n_window) */
+};
+/* 0, or -EINVAL (not clusterkv, a full layer, a bad index, or before end_prefill). */
+int ckv_kvcache_clusters(const ckv_kvcache_t *kv, int layer, int kv_head,
+                         struct ckv_kv_clusters *out);
 
 #endif

@@ -52,9 +52,8 @@ static int get_int(struct loader *L, const char *key, bool required, int64_t dfl
         return rc;
     }
     if (v < lo || v > hi)
-        return ckv_errorf(CKV_EFORMAT, L->err, L->errlen,
-                          "metadata %s = %lld outside [%lld, %lld]", full, (long long)v,
-                          (long long)lo, (long long)hi);
+        return ckv_errorf(CKV_EFORMAT, L->err, L->errlen, "metadata %s = %lld outside [%lld, %lld]",
+                          full, (long long)v, (long long)lo, (long long)hi);
     *out = (int)v;
     return 0;
 }
@@ -88,8 +87,7 @@ static int load_vec(struct loader *L, const char *name, int64_t n, bool required
     if (t->ne[0] != (uint64_t)n || elems != (uint64_t)n)
         return ckv_errorf(CKV_EFORMAT, L->err, L->errlen,
                           "tensor %s has shape [%llu, %llu], expected [%lld]", name,
-                          (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
-                          (long long)n);
+                          (unsigned long long)t->ne[0], (unsigned long long)t->ne[1], (long long)n);
     if (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_BF16)
         return ckv_errorf(CKV_EUNSUPPORTED, L->err, L->errlen,
                           "tensor %s has type %s, expected f32, f16 or bf16", name,
@@ -127,13 +125,13 @@ static int load_mat(struct loader *L, const char *name, int64_t rows, int64_t co
         return ckv_errorf(CKV_EFORMAT, L->err, L->errlen, "tensor %s missing", name);
     if (t->n_dims > 2 || t->ne[0] != (uint64_t)cols || t->ne[1] != (uint64_t)rows)
         return ckv_errorf(CKV_EFORMAT, L->err, L->errlen,
-                          "tensor %s has shape [%llu, %llu] (%u dims), expected [%lld, %lld]",
-                          name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
-                          t->n_dims, (long long)cols, (long long)rows);
+                          "tensor %s has shape [%llu, %llu] (%u dims), expected [%lld, %lld]", name,
+                          (unsigned long long)t->ne[0], (unsigned long long)t->ne[1], t->n_dims,
+                          (long long)cols, (long long)rows);
     if (!ckv_wtype_supported((int)t->type))
         return ckv_errorf(CKV_EUNSUPPORTED, L->err, L->errlen,
-                          "tensor %s has type %s, which the matrix products do not support",
-                          name, ggml_type_name(t->type));
+                          "tensor %s has type %s, which the matrix products do not support", name,
+                          ggml_type_name(t->type));
     size_t rb = ckv_wtype_row_bytes((int)t->type, (int)cols);
     if (rb == 0 || (uint64_t)rb * (uint64_t)rows != t->nbytes)
         return ckv_errorf(CKV_EFORMAT, L->err, L->errlen,
@@ -290,12 +288,12 @@ int ckv_model_load(const gguf_t *g, const char *path, struct ckv_model **out, ch
                       &val_len)) < 0)
         goto err;
     if (val_len != key_len) {
-        rc = ckv_errorf(CKV_EUNSUPPORTED, err, errlen, "key length %d != value length %d",
-                        key_len, val_len);
+        rc = ckv_errorf(CKV_EUNSUPPORTED, err, errlen, "key length %d != value length %d", key_len,
+                        val_len);
         goto err;
     }
-    if ((rc = get_int(&L, "rope.dimension_count", false, in->head_dim, 2, in->head_dim,
-                      &n_rot)) < 0)
+    if ((rc = get_int(&L, "rope.dimension_count", false, in->head_dim, 2, in->head_dim, &n_rot)) <
+        0)
         goto err;
     if (n_rot % 2 != 0) {
         rc = ckv_errorf(CKV_EFORMAT, err, errlen, "rope.dimension_count %d is odd", n_rot);
@@ -357,7 +355,7 @@ int ckv_model_load(const gguf_t *g, const char *path, struct ckv_model **out, ch
         bytes += m->output.row_bytes * (size_t)m->output.rows;
     for (int i = 0; i < in->n_layers; i++) {
         const struct ckv_layer *l = &m->layers[i];
-        const struct ckv_weight *ws[] = {&l->wq, &l->wk, &l->wv, &l->wo,
+        const struct ckv_weight *ws[] = {&l->wq,     &l->wk,   &l->wv,    &l->wo,
                                          &l->w_gate, &l->w_up, &l->w_down};
         for (size_t j = 0; j < CKV_ARRAY_LEN(ws); j++)
             bytes += ws[j]->row_bytes * (size_t)ws[j]->rows;

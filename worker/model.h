@@ -32,7 +32,7 @@ struct ckv_layer {
     struct ckv_weight wq, wk, wv; /* see above */
     float *bq, *bk, *bv;          /* (rows of wq/wk/wv) or NULL (llama) */
     struct ckv_weight wo;
-    float *ffn_norm;              /* (n_embd) */
+    float *ffn_norm; /* (n_embd) */
     struct ckv_weight w_gate, w_up, w_down;
 };
 
@@ -40,12 +40,12 @@ struct ckv_model {
     struct ckv_model_info info;
     struct ckv_rope_params rope; /* freq_factors points at rope_freqs below */
     struct ckv_weight tok_embd;
-    struct ckv_weight output;    /* == tok_embd when tied */
+    struct ckv_weight output; /* == tok_embd when tied */
     int tied_output;
-    float *output_norm;          /* (n_embd) */
-    float *rope_freqs;           /* (n_rot / 2) or NULL */
-    struct ckv_layer *layers;    /* (n_layers) */
-    const gguf_t *gguf;          /* borrowed: must outlive the model */
+    float *output_norm;       /* (n_embd) */
+    float *rope_freqs;        /* (n_rot / 2) or NULL */
+    struct ckv_layer *layers; /* (n_layers) */
+    const gguf_t *gguf;       /* borrowed: must outlive the model */
 };
 
 /* Reads hyperparameters and tensors of an open GGUF. g stays owned by the caller and must

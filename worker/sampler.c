@@ -40,8 +40,8 @@ int ckv_sampler_init(struct ckv_sampler *s, const struct ckv_sampler_opts *o, in
     if (o->max_tokens < 0)
         return ckv_errorf(-EINVAL, err, errlen, "sampler: max tokens %d < 0", o->max_tokens);
     if (o->n_stop < 0 || o->n_stop > CKV_SAMPLER_MAX_STOP)
-        return ckv_errorf(-EINVAL, err, errlen, "sampler: %d stop tokens (at most %d)",
-                          o->n_stop, CKV_SAMPLER_MAX_STOP);
+        return ckv_errorf(-EINVAL, err, errlen, "sampler: %d stop tokens (at most %d)", o->n_stop,
+                          CKV_SAMPLER_MAX_STOP);
     s->cand = malloc((size_t)n_vocab * sizeof(*s->cand));
     if (!s->cand)
         return -ENOMEM;

@@ -22,7 +22,7 @@ struct ckv_sampler_opts {
     int top_k;         /* keep the k most likely; 0: all */
     float top_p;       /* keep the smallest set whose probability reaches p; 1: all */
     uint64_t seed;
-    int max_tokens;    /* generation ends after this many tokens; 0: no limit */
+    int max_tokens;                     /* generation ends after this many tokens; 0: no limit */
     int32_t stop[CKV_SAMPLER_MAX_STOP]; /* stop tokens (end of generation) */
     int n_stop;
 };
@@ -38,8 +38,8 @@ struct ckv_sampler_cand {
 struct ckv_sampler {
     struct ckv_sampler_opts o;
     int n_vocab;
-    uint64_t rng;             /* splitmix64 state */
-    int n_sampled;            /* tokens accepted so far */
+    uint64_t rng;                  /* splitmix64 state */
+    int n_sampled;                 /* tokens accepted so far */
     struct ckv_sampler_cand *cand; /* (n_vocab) scratch */
 };
 
@@ -53,7 +53,7 @@ void ckv_sampler_free(struct ckv_sampler *s);
 int32_t ckv_sampler_sample(struct ckv_sampler *s, const float *logits);
 
 enum ckv_sampler_end {
-    CKV_SAMPLER_GO = 0,  /* keep generating */
+    CKV_SAMPLER_GO = 0,    /* keep generating */
     CKV_SAMPLER_STOP = 1,  /* id is a stop token (not to be shown) */
     CKV_SAMPLER_LIMIT = 2, /* id is the last token allowed (show it) */
 };

@@ -19,11 +19,12 @@
 
 #define CPU_QK 32 /* elements per quantized block, ggml's QK4_0 = QK4_1 = QK8_0 */
 
-/* One 32-element block of an activation row quantized to 8 bits: x ~= d * q, d = max|x|/127,
- * q = round-to-nearest-even(x * 127/max|x|); s = d * sum(q), the term a Q4_1 weight's offset m
- * multiplies (llama.cpp's Q8_1 s). d and s are kept in f32 where llama.cpp keeps f16: the
- * product is that much closer to the exact one, and the difference from llama.cpp (a relative
- * 2^-11 on a block's scale) is far below the weights' own quantization error. */
+/* One 32-element block of an activation row quantized to 8 bits: x ~= d * q,
+ * q = round-to-nearest-even(x * 127/max|x|), d = f16(max|x|/127); s = f16(max|x|/127 * sum(q)),
+ * the term a Q4_1 weight's offset m multiplies (llama.cpp's Q8_1 s). d and s hold f16 values
+ * (as llama.cpp stores them: its logits differed from ours by up to 1.07 while we kept them
+ * f32) in f32 fields, so the micro-kernels need no conversion; a value beyond f16's range
+ * stays f32. */
 struct cpu_q8 {
     float d;
     float s;

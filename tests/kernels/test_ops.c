@@ -10,13 +10,18 @@
  *    u = 2^-24 (Higham's bound for a dot product, whatever the summation order).
  *  - quantized weights, against the exact product of the dequantized weights and the
  *    unquantized x: the activation quantization moves each x_j by at most d_b / 2 (rounding to
- *    nearest on a grid of step d_b = max|x in block b| / 127), so
- *    |err| <= sum_b (d_b / 2) sum_{j in b} |w_j|, plus the f32 rounding of the scaled block sums
- *    (gamma bound on sum_b |d_w d_x isum_b| + |m_w s_b|), plus a 1e-3 relative slack on the
- *    first term for the rounding of x * 127/max and of d itself. This bound is rigorous, so the
- *    test has no false failures; it is loose (the errors are random, ~sqrt(K) not K) so a
- *    second check holds the kernel to the exact semantics: a reference that quantizes x the
- *    way ops.h says, with only the f32-rounding tolerance.
+ *    nearest on a grid of step d_b = max|x in block b| / 127) plus |f16(d_b) - d_b| |q_j| (the
+ *    scale is stored as f16, as llama.cpp does, the codes are not), so
+ *    |err| <= sum_b sum_{j in b} |w_j| (d_b / 2 + |f16(d_b) - d_b| |q_j|), plus for Q4_1
+ *    |m_b| |s16_b - f16(d_b) sum(q)| (Q8_1's s rounded to f16), plus the f32 rounding of the
+ *    scaled block sums (gamma bound on sum_b |d_w d_x| sum_j |q_w q_x| + |m_w s_b|: on the sum
+ *    of |products|, since SIMD kernels split a block's integer sum into lanes), plus a 1e-3
+ *    relative slack on the first term for the rounding of x * 127/max. This bound is rigorous, so
+ * the test has no false failures; it is loose (the errors are random, ~sqrt(K) not K) so a second
+ * check holds the kernel to the exact semantics: a reference that quantizes x the way ops.h says
+ * (ties on the grid included: they round to even), with only the f32-rounding tolerance. Q8_0 codes
+ * include -128, which a file may hold. Every ISA's result is also compared with the portable one's
+ * (within twice the f32 bound).
  */
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -162,7 +167,7 @@ static void references(struct mm_case *c, double *ref, double *tol, double *refq
     for (int i = 0; i < c->n; i++) {
         const float *x = c->x + (size_t)i * K;
         /* the activation quantization as ops.h states it */
-        float dq[4096];
+        float dq[4096], d32[4096], sq16[4096];
         int8_t q[4096 * 32 / 32];
         if (is_q(w->type)) {
             cr_assert_leq(K, 4096);
@@ -171,9 +176,16 @@ static void references(struct mm_case *c, double *ref, double *tol, double *refq
                 for (int e = 0; e < 32; e++)
                     amax = fmaxf(amax, fabsf(x[b * 32 + e]));
                 float id = amax > 0 ? 127.0f / amax : 0.0f;
-                dq[b] = amax / 127.0f;
-                for (int e = 0; e < 32; e++)
+                /* d is the f32 quotient stored as f16; the codes come from the unrounded id */
+                d32[b] = amax / 127.0f;
+                dq[b] = ckv_half_to_f32(f16_of(d32[b]));
+                int qs = 0;
+                for (int e = 0; e < 32; e++) {
                     q[b * 32 + e] = (int8_t)nearbyintf(x[b * 32 + e] * id);
+                    qs += q[b * 32 + e];
+                }
+                /* Q8_1's s: f32 product of the unrounded d and the code sum, stored as f16 */
+                sq16[b] = ckv_half_to_f32(f16_of(d32[b] * (float)qs));
             }
         }
         for (int r = 0; r < w->rows; r++) {
@@ -183,8 +195,11 @@ static void references(struct mm_case *c, double *ref, double *tol, double *refq
                 double wj = w_elem(w->type, row, j);
                 s += wj * x[j];
                 sabs += fabs(wj * x[j]);
+                /* x_j is reconstructed as d16 * q_j: off by at most d/2 (the grid) plus
+                 * |d16 - d| * |q_j| (the scale's f16 rounding, a relative 2^-11) */
                 if (is_q(w->type))
-                    qerr += fabs(wj) * dq[j / 32] / 2;
+                    qerr += fabs(wj) * (d32[j / 32] / 2 +
+                                        fabs((double)dq[j / 32] - d32[j / 32]) * abs(q[j]));
             }
             size_t o = (size_t)i * w->rows + r;
             ref[o] = s;
@@ -196,7 +211,7 @@ static void references(struct mm_case *c, double *ref, double *tol, double *refq
             double sq = 0, sqabs = 0;
             for (int b = 0; b < nb; b++) {
                 const uint8_t *blk = row + (size_t)b * blk_bytes(w->type);
-                double dw = f16_val(blk), dx = dq[b];
+                double dw = f16_val(blk), dx = dq[b], m = 0;
                 long isum = 0, qsum = 0, iabs = 0;
                 for (int e = 0; e < 32; e++) {
                     int wq;
@@ -213,7 +228,15 @@ static void references(struct mm_case *c, double *ref, double *tol, double *refq
                     qsum += q[b * 32 + e];
                 }
                 double term = dw * dx * (double)isum;
-                double mterm = w->type == CKV_W_Q4_1 ? f16_val(blk + 2) * (dx * (double)qsum) : 0;
+                double mterm = 0;
+                if (w->type == CKV_W_Q4_1) {
+                    m = f16_val(blk + 2);
+                    mterm = m * sq16[b];
+                    /* computed = sum_j w_j d16 q_j + m (s16 - d16 sum(q)): the first term's
+                     * distance to sum_j w_j x_j is in qerr element by element; the second
+                     * is the f16 rounding of s and of d */
+                    qerr += fabs(m) * fabs((double)sq16[b] - (double)dq[b] * (double)qsum);
+                }
                 sq += term + mterm;
                 /* the kernels may split a block's integer sum in any way (SIMD lanes), so
                  * the rounding bound is on the sum of |products|, not on |isum| */

@@ -49,7 +49,8 @@ static void fx_open(struct fx *f, const struct ckv_kv_geom *g, const struct ckv_
     f->g = *g;
     f->o = *o;
     f->rng = 0x1234567ull + (uint64_t)o->method * 77 + (uint64_t)o->budget;
-    struct ckv_ctx_opts co = {.backend = CKV_BACKEND_CPU, .n_threads = 1};
+    const char *thr = getenv("CKV_TEST_THREADS");
+    struct ckv_ctx_opts co = {.backend = CKV_BACKEND_CPU, .n_threads = thr ? atoi(thr) : 1};
     cr_assert_eq(ckv_ctx_new(&co, &f->ctx), 0);
     cr_assert_eq(ckv_block_store_mem_new(ckv_block_bytes(g->head_dim, o->dtype), 0, &f->store), 0);
     char err[256] = "";
@@ -370,6 +371,7 @@ static struct ckv_kv_opts opts_of(enum ckv_kv_method m, int budget)
     o.window = 32;
     o.window_clusters = 4;
     o.tokens_per_cluster = 20;
+    o.small_full = 0; /* a large budget still goes through the blocks and the cache */
     return o;
 }
 
@@ -398,26 +400,15 @@ static void check_large_budget(enum ckv_kv_method m, enum ckv_select_mode mode, 
         cr_assert_geq(st.clusters_made, 2 * 2 * (10 + 2 * 4), "%llu",
                       (unsigned long long)st.clusters_made);
         cr_assert_leq(st.clusters_made, 2 * 2 * (14 + 2 * 4));
-        if (cache_blocks == 0) {
-            /* unbounded: every prompt cluster missed once, window clusters were cached when
-             * made, everything else hit */
-            cr_assert_eq(st.cache_misses, st.clusters_made - 2 * 2 * 2 * 4);
-            cr_assert_gt(st.cache_hits, 0);
-        } else {
-            /* smaller than a layer's selection: every lookup misses, one get per sparse
-             * layer and step */
-            cr_assert_eq(st.cache_hits, 0);
-        }
+        /* every head's clusters fit the budget: full attention on the contiguous cache, the
+         * store is written but never read */
+        cr_assert_eq(st.cache_misses + st.cache_hits, 0);
         struct ckv_block_store_mem_stats ms;
         cr_assert_eq(ckv_block_store_mem_stats(f.store, &ms), 0);
         cr_assert_eq(ms.clusters, st.clusters_made);
         /* one put per layer: after prefill and at each window */
         cr_assert_eq(ms.puts, 2 * 3);
-        size_t bb = ckv_block_bytes(32, CKV_DTYPE_F16);
-        cr_assert_eq(st.cache_miss_bytes % bb, 0);
-        cr_assert_geq(st.cache_miss_bytes, st.cache_misses * bb);
-        if (cache_blocks)
-            cr_assert_eq(ms.gets, 70 * 2);
+        cr_assert_eq(ms.gets, 0);
         printf("clusterkv mode %d cache %d: made %llu hits %llu misses %llu gets %llu\n", (int)mode,
                cache_blocks, (unsigned long long)st.clusters_made,
                (unsigned long long)st.cache_hits, (unsigned long long)st.cache_misses,
@@ -431,12 +422,6 @@ Test(kvcache, clusterkv_large_budget_is_full)
     check_large_budget(CKV_KV_CLUSTERKV, CKV_SELECT_KVHEAD_SUM, 0);
     check_large_budget(CKV_KV_CLUSTERKV, CKV_SELECT_KVHEAD_MAX, 0);
     check_large_budget(CKV_KV_CLUSTERKV, CKV_SELECT_PER_QHEAD, 0);
-}
-
-Test(kvcache, clusterkv_tiny_cache_is_still_exact)
-{
-    /* a cache far smaller than one layer's selection: evictions every step, same result */
-    check_large_budget(CKV_KV_CLUSTERKV, CKV_SELECT_KVHEAD_SUM, 4);
 }
 
 Test(kvcache, quest_streaming_large_budget_is_full)
@@ -507,16 +492,17 @@ Test(kvcache, clusterkv_repeated_query_hits_cache)
     struct ckv_kv_stats a, b;
     fx_step_q(&f, q, NULL, NULL);
     ckv_kvcache_stats(f.kv, &a);
-    cr_assert_eq(a.cache_hits, 0);
-    cr_assert_gt(a.cache_misses, 0);
-    /* KV-head units of distinct heads never share a cluster: misses == clusters selected */
-    cr_assert_eq(a.cache_misses, a.clusters_selected);
+    /* the prompt's clusters were cached when written (unbounded cache): all hits. KV-head
+     * units of distinct heads never share a cluster: hits == clusters selected */
+    cr_assert_eq(a.cache_misses, 0);
+    cr_assert_gt(a.cache_hits, 0);
+    cr_assert_eq(a.cache_hits, a.clusters_selected);
     for (int s = 0; s < 10; s++)
         fx_step_q(&f, q, NULL, NULL);
     ckv_kvcache_stats(f.kv, &b);
-    cr_assert_eq(b.cache_misses, a.cache_misses, "the same query selects the same clusters");
-    cr_assert_eq(b.cache_hits, 10 * a.clusters_selected);
-    cr_assert_eq(b.cache_hit_bytes, 10 * a.cache_miss_bytes);
+    cr_assert_eq(b.cache_misses, 0, "the same query selects the same clusters");
+    cr_assert_eq(b.cache_hits, 11 * a.clusters_selected);
+    cr_assert_eq(b.cache_hit_bytes, 11 * a.cache_hit_bytes);
     free(q);
     fx_close(&f);
 }
@@ -676,4 +662,259 @@ Test(kvcache, quest_pages_match_reference)
     check_quest(CKV_SELECT_PER_QHEAD);
     check_quest(CKV_SELECT_KVHEAD_SUM);
     check_quest(CKV_SELECT_KVHEAD_MAX);
+}
+
+/* The clusters partition exactly the positions between the sinks and the window: the
+ * prompt's after end_prefill, each window's after it is clustered; sizes and members agree. */
+static void check_partition(ckv_kvcache_t *kv, int layer, int h, int n_tokens)
+{
+    struct ckv_kv_clusters c;
+    cr_assert_eq(ckv_kvcache_clusters(kv, layer, h, &c), 0);
+    char *seen = calloc((size_t)n_tokens, 1);
+    cr_assert_eq(c.offsets[0], 0);
+    for (int i = 0; i < c.n_clusters; i++) {
+        cr_assert_eq(c.sizes[i], c.offsets[i + 1] - c.offsets[i]);
+        cr_assert_gt(c.sizes[i], 0);
+        for (int j = c.offsets[i]; j < c.offsets[i + 1]; j++) {
+            int p = c.members[j];
+            cr_assert(p >= c.n_sinks && p < c.window_start, "position %d outside", p);
+            cr_assert_eq(seen[p], 0, "position %d twice", p);
+            seen[p] = 1;
+            if (j > c.offsets[i])
+                cr_assert_gt(p, c.members[j - 1]);
+        }
+    }
+    for (int p = c.n_sinks; p < c.window_start; p++)
+        cr_assert_eq(seen[p], 1, "position %d in no cluster", p);
+    cr_assert_eq(c.window_start + c.n_window, n_tokens);
+    free(seen);
+}
+
+Test(kvcache, clusterkv_clusters_partition_positions)
+{
+    struct ckv_kv_opts o = opts_of(CKV_KV_CLUSTERKV, 64);
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    struct ckv_kv_clusters c;
+    cr_assert_eq(ckv_kvcache_clusters(f.kv, 2, 0, &c), -EINVAL, "before end_prefill");
+    fx_prefill(&f, 300, 150);
+    cr_assert_eq(ckv_kvcache_clusters(f.kv, 0, 0, &c), -EINVAL, "a full layer");
+    cr_assert_eq(ckv_kvcache_clusters(f.kv, 2, 2, &c), -EINVAL, "no such head");
+    cr_assert_eq(ckv_kvcache_clusters(f.kv, 2, 1, &c), 0);
+    /* tokens_per_cluster 20: ceil(268 / 20) = 14 clusters at most */
+    cr_assert(c.n_clusters >= 10 && c.n_clusters <= 14, "%d", c.n_clusters);
+    cr_assert_eq(c.n_sinks, 16);
+    cr_assert_eq(c.window_start, 284);
+    cr_assert_eq(c.n_window, 16);
+    for (int s = 0; s < 50; s++) {
+        fx_step(&f, NULL);
+        for (int l = 2; l < 4; l++)
+            for (int h = 0; h < 2; h++)
+                check_partition(f.kv, l, h, 301 + s);
+    }
+    cr_assert_eq(ckv_kvcache_clusters(f.kv, 3, 0, &c), 0);
+    cr_assert_eq(c.window_start, 316 + 32); /* two windows clustered: at 316 and 348 */
+    fx_close(&f);
+
+    struct ckv_kv_opts q = opts_of(CKV_KV_QUEST, 64);
+    fx_open(&f, &geom_ckv, &q);
+    fx_prefill(&f, 40, 40);
+    cr_assert_eq(ckv_kvcache_clusters(f.kv, 2, 0, &c), -EINVAL, "not clusterkv");
+    fx_close(&f);
+}
+
+Test(kvcache, clusterkv_store_full_is_an_error)
+{
+    /* a store with room for a few blocks: end_prefill reports its -ENOSPC */
+    struct ckv_ctx_opts co = {.backend = CKV_BACKEND_CPU, .n_threads = 1};
+    ckv_ctx_t *ctx = NULL;
+    cr_assert_eq(ckv_ctx_new(&co, &ctx), 0);
+    struct ckv_kv_opts o = opts_of(CKV_KV_CLUSTERKV, 64);
+    struct ckv_block_store *store = NULL;
+    size_t bb = ckv_block_bytes(geom_ckv.head_dim, o.dtype);
+    cr_assert_eq(ckv_block_store_mem_new(bb, 4 * bb, &store), 0);
+    ckv_kvcache_t *kv = NULL;
+    char err[128];
+    cr_assert_eq(ckv_kvcache_new(ctx, &geom_ckv, &o, store, 9, &kv, err, sizeof(err)), 0);
+    int row = geom_ckv.n_kv_heads * geom_ckv.head_dim;
+    float *k = calloc((size_t)200 * row, sizeof(float)), *v = calloc((size_t)200 * row, 4);
+    for (int i = 0; i < 200 * row; i++)
+        k[i] = (float)((i * 37) % 101) / 50.0f - 1.0f;
+    for (int l = 0; l < geom_ckv.n_layers; l++)
+        cr_assert_eq(ckv_kvcache_append(kv, l, k, v, 200), 0);
+    cr_assert_eq(ckv_kvcache_end_prefill(kv), -ENOSPC);
+    ckv_kvcache_free(&kv);
+    /* and a block size that is not the KV's is refused up front */
+    struct ckv_block_store *other = NULL;
+    cr_assert_eq(ckv_block_store_mem_new(bb * 2, 0, &other), 0);
+    cr_assert_eq(ckv_kvcache_new(ctx, &geom_ckv, &o, other, 9, &kv, err, sizeof(err)), -EINVAL);
+    cr_assert(strstr(err, "block"), "%s", err);
+    ckv_block_store_destroy(&other);
+    ckv_block_store_destroy(&store);
+    free(k);
+    free(v);
+    ckv_ctx_destroy(&ctx);
+}
+
+Test(kvcache, end_prefill_twice_and_free_drops_clusters)
+{
+    struct ckv_kv_opts o = opts_of(CKV_KV_CLUSTERKV, 64);
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    fx_prefill(&f, 120, 120);
+    struct ckv_block_store_mem_stats a, b;
+    cr_assert_eq(ckv_block_store_mem_stats(f.store, &a), 0);
+    cr_assert_gt(a.clusters, 0);
+    cr_assert_eq(ckv_kvcache_end_prefill(f.kv), 0);
+    cr_assert_eq(ckv_block_store_mem_stats(f.store, &b), 0);
+    cr_assert_eq(b.clusters, a.clusters, "a second end_prefill clusters nothing");
+    ckv_kvcache_free(&f.kv);
+    cr_assert_eq(ckv_block_store_mem_stats(f.store, &b), 0);
+    cr_assert_eq(b.clusters, 0, "freeing the sequence drops its clusters");
+    fx_close(&f);
+}
+
+/* A copy of one head's clusters (ckv_kvcache_clusters is valid until the next end_step). */
+struct snap {
+    int n, n_sinks, wstart;
+    int32_t *sizes, *offsets, *members;
+    float *cent;
+};
+
+static void snap_take(struct snap *s, ckv_kvcache_t *kv, int l, int h, int d)
+{
+    struct ckv_kv_clusters c;
+    cr_assert_eq(ckv_kvcache_clusters(kv, l, h, &c), 0);
+    s->n = c.n_clusters;
+    s->n_sinks = c.n_sinks;
+    s->wstart = c.window_start;
+    s->sizes = malloc(sizeof(int32_t) * (size_t)(c.n_clusters + 1));
+    s->offsets = malloc(sizeof(int32_t) * (size_t)(c.n_clusters + 1));
+    s->members = malloc(sizeof(int32_t) * (size_t)(c.offsets[c.n_clusters] + 1));
+    s->cent = malloc(sizeof(float) * (size_t)(c.n_clusters + 1) * d);
+    memcpy(s->sizes, c.sizes, sizeof(int32_t) * (size_t)c.n_clusters);
+    memcpy(s->offsets, c.offsets, sizeof(int32_t) * (size_t)(c.n_clusters + 1));
+    memcpy(s->members, c.members, sizeof(int32_t) * (size_t)c.offsets[c.n_clusters]);
+    /* CPU backend: device memory is host memory */
+    memcpy(s->cent, c.centroids, sizeof(float) * (size_t)c.n_clusters * d);
+}
+
+static void snap_free(struct snap *s)
+{
+    free(s->sizes);
+    free(s->offsets);
+    free(s->members);
+    free(s->cent);
+}
+
+/* The positions a unit attends by the scalar rule of ALGORITHM.md 3: clusters ranked by
+ * q . centroid (folded over the group for the KV-head modes), best first, ties to the lower
+ * index, until `budget` tokens, the last truncated to its first members; plus sinks and
+ * window [wstart, n). Returns the count. */
+static int ref_selection(const struct snap *s, const float *q, int nq, int d, int budget,
+                         enum ckv_select_mode mode, int n, int *pos)
+{
+    double *score = malloc(sizeof(double) * (size_t)(s->n + 1));
+    char *taken = calloc((size_t)s->n + 1, 1);
+    for (int c = 0; c < s->n; c++) {
+        double acc = 0;
+        for (int r = 0; r < nq; r++) {
+            double dot = 0;
+            for (int i = 0; i < d; i++)
+                dot += (double)q[r * d + i] * s->cent[(size_t)c * d + i];
+            acc = r == 0 ? dot : mode == CKV_SELECT_KVHEAD_MAX ? fmax(acc, dot) : acc + dot;
+        }
+        score[c] = acc;
+    }
+    int np = 0, got = 0;
+    for (int p = 0; p < s->n_sinks; p++)
+        pos[np++] = p;
+    while (got < budget) {
+        int best = -1;
+        for (int c = 0; c < s->n; c++)
+            if (!taken[c] && (best < 0 || score[c] > score[best]))
+                best = c;
+        if (best < 0)
+            break;
+        taken[best] = 1;
+        int take = s->sizes[best] < budget - got ? s->sizes[best] : budget - got;
+        for (int i = 0; i < take; i++)
+            pos[np++] = s->members[s->offsets[best] + i];
+        got += take;
+    }
+    for (int p = s->wstart; p < n; p++)
+        pos[np++] = p;
+    free(score);
+    free(taken);
+    return np;
+}
+
+/* clusterkv's sparse path equals attention over the scalar rule's selection, through window
+ * clusterings, with an unbounded and with a tiny (evicting) cache, each selection mode. */
+static void check_sparse_reference(enum ckv_select_mode mode, int budget, int cache_blocks)
+{
+    struct ckv_kv_opts o = opts_of(CKV_KV_CLUSTERKV, budget);
+    o.select_mode = mode;
+    o.cache_blocks = cache_blocks;
+    struct fx f;
+    fx_open(&f, &geom_ckv, &o);
+    fx_prefill(&f, 300, 150);
+    int d = geom_ckv.head_dim, nkv = geom_ckv.n_kv_heads, L = geom_ckv.n_layers;
+    int qrow = geom_ckv.n_q_heads * d, G = geom_ckv.n_q_heads / nkv;
+    float *q = malloc(sizeof(float) * (size_t)qrow * L);
+    float *out = malloc(sizeof(float) * (size_t)qrow * L);
+    float ref[qrow];
+    int *pos = malloc(sizeof(int) * 2048);
+    struct snap sn[L][nkv];
+    for (int s = 0; s < 70; s++) {
+        for (int l = o.full_layers; l < L; l++)
+            for (int h = 0; h < nkv; h++)
+                snap_take(&sn[l][h], f.kv, l, h, d);
+        fx_step_q(&f, NULL, q, out);
+        int n = ckv_kvcache_n_tokens(f.kv);
+        for (int l = o.full_layers; l < L; l++) {
+            const float *ql = q + (size_t)l * qrow;
+            int units = mode == CKV_SELECT_PER_QHEAD ? geom_ckv.n_q_heads : nkv;
+            for (int u = 0; u < units; u++) {
+                int h = mode == CKV_SELECT_PER_QHEAD ? u / G : u;
+                int q0 = mode == CKV_SELECT_PER_QHEAD ? u : u * G;
+                int nq = mode == CKV_SELECT_PER_QHEAD ? 1 : G;
+                int np = ref_selection(&sn[l][h], ql + (size_t)q0 * d, nq, d, budget, mode, n, pos);
+                for (int qh = q0; qh < q0 + nq; qh++)
+                    ref_attn(&f, l, qh, ql + (size_t)qh * d, pos, np, ref + (size_t)qh * d);
+            }
+            float e = rel_err(out + (size_t)l * qrow, ref, qrow);
+            cr_assert_lt(e, 2e-3f, "mode %d budget %d cache %d step %d layer %d: error %g",
+                         (int)mode, budget, cache_blocks, s, l, e);
+            for (int h = 0; h < nkv; h++)
+                snap_free(&sn[l][h]);
+        }
+    }
+    struct ckv_kv_stats st;
+    ckv_kvcache_stats(f.kv, &st);
+    if (cache_blocks == 0) {
+        /* everything was cached when written (prompt and windows) */
+        cr_assert_eq(st.cache_misses, 0);
+        cr_assert_gt(st.cache_hits, 0);
+    } else {
+        cr_assert_gt(st.cache_misses, 0);
+    }
+    free(q);
+    free(out);
+    free(pos);
+    fx_close(&f);
+}
+
+Test(kvcache, clusterkv_sparse_matches_reference)
+{
+    check_sparse_reference(CKV_SELECT_KVHEAD_SUM, 64, 0);
+    check_sparse_reference(CKV_SELECT_KVHEAD_MAX, 100, 0);
+    check_sparse_reference(CKV_SELECT_PER_QHEAD, 70, 0);
+}
+
+Test(kvcache, clusterkv_tiny_cache_matches_reference)
+{
+    /* 4 blocks: far below one layer's selection, evictions every step */
+    check_sparse_reference(CKV_SELECT_KVHEAD_SUM, 64, 4);
+    check_sparse_reference(CKV_SELECT_PER_QHEAD, 90, 4);
 }

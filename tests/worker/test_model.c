@@ -38,7 +38,8 @@ struct breakage {
 static int tensor_list(struct tspec *t, bool bias)
 {
     int n = 0;
-#define ADD(nm, a, b) (snprintf(t[n].name, sizeof(t[n].name), "%s", nm), t[n].ne0 = a, t[n++].ne1 = b)
+#define ADD(nm, a, b)                                                                              \
+    (snprintf(t[n].name, sizeof(t[n].name), "%s", nm), t[n].ne0 = a, t[n++].ne1 = b)
     ADD("token_embd.weight", T_EMBD, T_VOCAB);
     ADD("output_norm.weight", T_EMBD, 1);
     for (int l = 0; l < T_LAYERS; l++) {

@@ -16,7 +16,7 @@
  * it cannot check: the memory model between blocks (blocks run in sequence, so a race
  * between blocks cannot show), timing, launch limits and resource use of real hardware,
  * floating-point differences of the GPU's math library (expf, logf here are glibc's), and
- * CUB and cuBLAS themselves (a sort and a plain SGEMM stand in). Device memory is host
+ * CUB and cuBLAS themselves (a sort and plain SGEMM / GemmEx loops stand in). Device memory is host
  * memory; a stream runs everything at once, in order.
  *
  * Only what the backend calls is here; extend it alongside the backend.
@@ -112,6 +112,20 @@ cublasStatus_t cublasSetMathMode(cublasHandle_t h, cublasMath_t m);
 cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m,
                            int n, int k, const float *alpha, const float *A, int lda,
                            const float *B, int ldb, const float *beta, float *C, int ldc);
+
+/* Mixed-type products (cuda_ops.cu): A and B f32, f16 or bf16 (the same type), C f32,
+ * compute f32; the values of cuBLAS's enums. */
+typedef enum { CUDA_R_32F = 0, CUDA_R_16F = 2, CUDA_R_16BF = 14 } cudaDataType_t;
+typedef enum { CUBLAS_COMPUTE_32F = 68 } cublasComputeType_t;
+typedef enum { CUBLAS_GEMM_DEFAULT = -1 } cublasGemmAlgo_t;
+/* Column-major C = alpha op(A) op(B) + beta C: each element converted to f32, f32 sums in
+ * order, one plain loop per element (cuBLAS's own order and tensor-core rounding are not
+ * emulated). */
+cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m,
+                            int n, int k, const void *alpha, const void *A, cudaDataType_t atype,
+                            int lda, const void *B, cudaDataType_t btype, int ldb,
+                            const void *beta, void *C, cudaDataType_t ctype, int ldc,
+                            cublasComputeType_t compute, cublasGemmAlgo_t algo);
 
 /* ---- device side ---- */
 struct emu_thread_ids {
