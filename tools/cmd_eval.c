@@ -255,8 +255,8 @@ static void plot_write(const struct eval *E, const struct plot *p)
         fprintf(f,
                 "%s\"< awk -F, '$%d==\\\"%s\\\"%s' %s/%s\" using %d:%d with linespoints lw 2 "
                 "title '%s'",
-                first ? "" : ", \\\n     ", p->scol, p->series[i], cond, E->o.out, p->csv,
-                p->xcol, p->ycol, p->series[i]);
+                first ? "" : ", \\\n     ", p->scol, p->series[i], cond, E->o.out, p->csv, p->xcol,
+                p->ycol, p->series[i]);
         first = 0;
     }
     for (int i = 0; i < p->n_ref; i++) {
