@@ -559,9 +559,12 @@ static int ppl_run(struct eval *E, const char *prefix, struct doc *docs, int n_d
             fprintf(f, "%s,%s,%d,%s,%d,%ld,%.6f,%.5f,%.6f,%.5f,%.4f,%.1f\n", docs[d].name,
                     cfgs[i].method, cfgs[i].budget, cfgs[i].variant, P, r->ppl.n,
                     r->ppl.nll_sum / r->ppl.n, ppl, rel, (double)r->n_match / r->ppl.n, hr, att);
-            printf("| %s | %d | %s | %.4f | %+.2f%% | %.4f | %.3f | %.0f |\n", cfgs[i].method,
+            char hr_s[16] = "-"; /* no cluster lookups (full, quest, streaming) */
+            if (!isnan(hr))
+                snprintf(hr_s, sizeof(hr_s), "%.3f", hr);
+            printf("| %s | %d | %s | %.4f | %+.2f%% | %.4f | %s | %.0f |\n", cfgs[i].method,
                    cfgs[i].budget, cfgs[i].variant[0] ? cfgs[i].variant : "-", ppl, 100 * rel,
-                   (double)r->n_match / r->ppl.n, hr, att);
+                   (double)r->n_match / r->ppl.n, hr_s, att);
             sum_rel[i] += rel;
             sum_ppl[i] += log(ppl);
             /* perplexity by position, in slices of 512 tokens */
