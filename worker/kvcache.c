@@ -200,7 +200,6 @@ void ckv_kv_opts_default(struct ckv_kv_opts *o)
     o->dtype = CKV_DTYPE_F16;
     o->cache_blocks = 0;
     o->seed = 0x5eed;
-    o->small_full = 1;
 }
 
 int ckv_kv_opts_check(const struct ckv_kv_opts *o, char *err, size_t errlen)
@@ -1322,16 +1321,6 @@ static int clusterkv_decode(ckv_kvcache_t *kv, int l, const float *q, float *out
     }
     ms = kv->max_sel;
     uint64_t t0 = ckv_now_ns();
-    if (L->all_small && kv->o.small_full) {
-        /* ALGORITHM.md section 3: a layer whose heads all have at most `budget` clustered
-         * tokens attends to everything, so it runs full attention over the contiguous cache:
-         * bit for bit what method full computes. Over blocks the sum would run in another
-         * order, and the engine's 8-bit activation quantization turns such last-bit
-         * differences into visible logit changes (tests/worker/test_engine.c). */
-        rc = attn_full(kv, L, q, out);
-        kv->st.attn_ms += ms_since(t0);
-        return rc;
-    }
     if ((rc = clusterkv_select(kv, L, q)))
         return rc;
     uint64_t t1 = ckv_now_ns();

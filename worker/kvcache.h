@@ -76,9 +76,6 @@ struct ckv_kv_opts {
     enum ckv_dtype dtype;   /* KV dtype; f16 */
     int cache_blocks;       /* cluster cache capacity in blocks per sequence; 0: unbounded */
     uint64_t seed;          /* k-means seed */
-    int small_full;         /* 1: a layer whose heads all have at most `budget` clustered
-                               tokens runs full attention over the contiguous cache (bit for
-                               bit method full); 0: through its blocks (tests of that path) */
 };
 
 /* The defaults above (method clusterkv). */

@@ -371,7 +371,6 @@ static struct ckv_kv_opts opts_of(enum ckv_kv_method m, int budget)
     o.window = 32;
     o.window_clusters = 4;
     o.tokens_per_cluster = 20;
-    o.small_full = 0; /* a large budget still goes through the blocks and the cache */
     return o;
 }
 
