@@ -31,6 +31,7 @@
 #include "ckv_buf.h"
 #include "ckv_clock.h"
 #include "ckv_config.h"
+#include "ckv_main.h"
 #include "ckv_error.h"
 #include "ckv_log.h"
 #include "ckv_qkv.h"
@@ -529,19 +530,10 @@ int main(int argc, char **argv)
 {
     ckv_log_init("ckv-bench-attn", CKV_LOG_WARN);
     struct bench_cfg cfg;
-    char err[512];
-    for (int i = 1; i < argc; i++)
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            struct ckv_buf u = {0};
-            ckv_config_usage(bench_options, &u);
-            printf("usage: ckv-bench-attn [options]\n%s", u.data);
-            ckv_buf_free(&u);
-            return 0;
-        }
-    if (ckv_config_load(bench_options, &cfg, argc - 1, argv + 1, NULL, 0, NULL, err, sizeof(err))) {
-        fprintf(stderr, "ckv-bench-attn: %s\n", err);
-        return 2;
-    }
+    int rc = ckv_main_config("ckv-bench-attn", "usage: ckv-bench-attn [options]\n", bench_options,
+                             &cfg, NULL, NULL, NULL, argc, argv);
+    if (rc)
+        return rc == 1 ? 0 : rc;
     int contexts[MAX_CONTEXTS], budgets[MAX_BUDGETS];
     int n_ctx = parse_list(cfg.quick ? "32768" : cfg.contexts, contexts, MAX_CONTEXTS);
     int n_b = parse_list(cfg.quick ? "1024" : cfg.budgets, budgets, MAX_BUDGETS);
@@ -556,7 +548,7 @@ int main(int argc, char **argv)
     struct ckv_ctx_opts o = {
         .backend = CKV_BACKEND_CPU, .n_threads = cfg.threads, .isa = (enum ckv_cpu_isa)cfg.isa};
     ckv_ctx_t *ctx = NULL;
-    int rc = ckv_ctx_new(&o, &ctx);
+    rc = ckv_ctx_new(&o, &ctx);
     if (rc) {
         fprintf(stderr, "ckv-bench-attn: cpu context: %s\n", ckv_strerror(rc));
         return 1;

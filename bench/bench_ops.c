@@ -33,6 +33,7 @@
 #include "ckv_buf.h"
 #include "ckv_clock.h"
 #include "ckv_config.h"
+#include "ckv_main.h"
 #include "ckv_error.h"
 #include "ckv_half.h"
 #include "ckv_log.h"
@@ -337,19 +338,10 @@ int main(int argc, char **argv)
 {
     ckv_log_init("ckv-bench-ops", CKV_LOG_WARN);
     struct bench_cfg cfg;
-    char err[512];
-    for (int i = 1; i < argc; i++)
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            struct ckv_buf u = {0};
-            ckv_config_usage(bench_options, &u);
-            printf("usage: ckv-bench-ops [options]\n%s", u.data);
-            ckv_buf_free(&u);
-            return 0;
-        }
-    if (ckv_config_load(bench_options, &cfg, argc - 1, argv + 1, NULL, 0, NULL, err, sizeof(err))) {
-        fprintf(stderr, "ckv-bench-ops: %s\n", err);
-        return 2;
-    }
+    int rc = ckv_main_config("ckv-bench-ops", "usage: ckv-bench-ops [options]\n", bench_options,
+                             &cfg, NULL, NULL, NULL, argc, argv);
+    if (rc)
+        return rc == 1 ? 0 : rc;
     int types[MAX_LIST], batches[MAX_LIST], srows[MAX_LIST], scols[MAX_LIST];
     int nt = parse_types(cfg.quick ? "q4_1,f32" : cfg.types, types, MAX_LIST);
     int nb = parse_list(cfg.quick ? "1,8" : cfg.batches, batches, MAX_LIST);
@@ -365,7 +357,7 @@ int main(int argc, char **argv)
     struct ckv_ctx_opts o = {
         .backend = CKV_BACKEND_CPU, .n_threads = cfg.threads, .isa = (enum ckv_cpu_isa)cfg.isa};
     ckv_ctx_t *ctx = NULL;
-    int rc = ckv_ctx_new(&o, &ctx);
+    rc = ckv_ctx_new(&o, &ctx);
     if (rc) {
         fprintf(stderr, "ckv-bench-ops: cpu context: %s\n", ckv_strerror(rc));
         return 1;

@@ -12,7 +12,7 @@
 #include <unistd.h>
 
 #include "ckv_config.h"
-#include "ckv_daemon.h"
+#include "ckv_main.h"
 #include "ckv_error.h"
 #include "ckv_log.h"
 #include "kvs_config.h"
@@ -31,7 +31,7 @@ int main(int argc, char **argv)
     unsigned set = 0;
     struct kvs_config cfg;
     char err[512];
-    int rc = ckv_daemon_config(
+    int rc = ckv_main_config(
         "ckv-kvstore",
         "usage: ckv-kvstore [--config FILE] [--name value ...]\n"
         "       ckv-kvstore --cleanup [same options]   remove a stale segment and spill file\n"
@@ -40,7 +40,7 @@ int main(int argc, char **argv)
         kvs_config_options, &cfg, check_config, flags, &set, argc, argv);
     if (rc)
         return rc == 1 ? 0 : rc;
-    if ((rc = ckv_daemon_log("ckv-kvstore", cfg.log_level, cfg.log_file)))
+    if ((rc = ckv_main_log("ckv-kvstore", cfg.log_level, cfg.log_file)))
         return rc;
     bool cleanup = set & 1u;
     if (cleanup) {

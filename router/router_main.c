@@ -11,7 +11,7 @@
 #include <unistd.h>
 
 #include "ckv_config.h"
-#include "ckv_daemon.h"
+#include "ckv_main.h"
 #include "ckv_error.h"
 #include "ckv_log.h"
 #include "router.h"
@@ -35,7 +35,7 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN); /* a closed log pipe or metrics client must not kill the router */
     static struct router_config cfg;
     char err[768];
-    int rc = ckv_daemon_config(
+    int rc = ckv_main_config(
         "ckv-router",
         "usage: ckv-router [--config FILE] [--name value ...]\n"
         "       ckv-router --dump-config [options]    print the effective config\n\n"
@@ -43,7 +43,7 @@ int main(int argc, char **argv)
         router_config_options, &cfg, check_config, NULL, NULL, argc, argv);
     if (rc)
         return rc == 1 ? 0 : rc;
-    if ((rc = ckv_daemon_log("ckv-router", cfg.log_level, cfg.log_file)))
+    if ((rc = ckv_main_log("ckv-router", cfg.log_level, cfg.log_file)))
         return rc;
     ckv_config_log(router_config_options, &cfg);
     router_t *r;

@@ -40,7 +40,7 @@
 #include "ckv_buf.h"
 #include "ckv_clock.h"
 #include "ckv_config.h"
-#include "ckv_daemon.h"
+#include "ckv_main.h"
 #include "ckv_error.h"
 #include "ckv_log.h"
 #include "ckv_stats.h"
@@ -1102,7 +1102,7 @@ int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN);
     static struct worker w;
-    int rc = ckv_daemon_config(
+    int rc = ckv_main_config(
         "ckv-worker",
         "usage: ckv-worker [--config FILE] [--name value ...]\n"
         "       ckv-worker --dump-config [options]    print the effective config\n\n"
@@ -1110,7 +1110,7 @@ int main(int argc, char **argv)
         worker_options, &w.cfg, NULL, NULL, NULL, argc, argv);
     if (rc)
         return rc == 1 ? 0 : rc;
-    if ((rc = ckv_daemon_log("ckv-worker", w.cfg.log_level, w.cfg.log_file)))
+    if ((rc = ckv_main_log("ckv-worker", w.cfg.log_level, w.cfg.log_file)))
         return rc;
     ckv_config_log(worker_options, &w.cfg);
     pthread_mutex_init(&w.mu, NULL);

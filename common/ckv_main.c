@@ -1,5 +1,5 @@
-/* The start of a daemon's main(): see ckv_daemon.h. */
-#include "ckv_daemon.h"
+/* The start of a program's main(): see ckv_main.h. */
+#include "ckv_main.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -11,9 +11,9 @@
 #include "ckv_buf.h"
 #include "ckv_log.h"
 
-int ckv_daemon_config(const char *prog, const char *usage, const struct ckv_config_opt *table,
-                      void *cfg, ckv_daemon_check_fn check, const char *const *extra_flags,
-                      unsigned *extra_set, int argc, char **argv)
+int ckv_main_config(const char *prog, const char *usage, const struct ckv_config_opt *table,
+                    void *cfg, ckv_main_check_fn check, const char *const *extra_flags,
+                    unsigned *extra_set, int argc, char **argv)
 {
     bool dump = false;
     char *args[argc > 0 ? argc : 1];
@@ -57,7 +57,7 @@ int ckv_daemon_config(const char *prog, const char *usage, const struct ckv_conf
     return 0;
 }
 
-int ckv_daemon_log(const char *prog, const char *level, const char *log_file)
+int ckv_main_log(const char *prog, const char *level, const char *log_file)
 {
     int lv;
     if (ckv_log_level_parse(level, &lv)) {
