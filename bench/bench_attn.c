@@ -530,8 +530,12 @@ int main(int argc, char **argv)
 {
     ckv_log_init("ckv-bench-attn", CKV_LOG_WARN);
     struct bench_cfg cfg;
-    int rc = ckv_main_config("ckv-bench-attn", "usage: ckv-bench-attn [options]\n", bench_options,
-                             &cfg, NULL, NULL, NULL, argc, argv);
+    static const struct ckv_main_spec spec = {
+        .prog = "ckv-bench-attn",
+        .usage = "usage: ckv-bench-attn [options]\n",
+        .table = bench_options,
+    };
+    int rc = ckv_main_config(&spec, &cfg, NULL, argc, argv);
     if (rc)
         return rc == 1 ? 0 : rc;
     int contexts[MAX_CONTEXTS], budgets[MAX_BUDGETS];

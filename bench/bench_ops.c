@@ -338,8 +338,12 @@ int main(int argc, char **argv)
 {
     ckv_log_init("ckv-bench-ops", CKV_LOG_WARN);
     struct bench_cfg cfg;
-    int rc = ckv_main_config("ckv-bench-ops", "usage: ckv-bench-ops [options]\n", bench_options,
-                             &cfg, NULL, NULL, NULL, argc, argv);
+    static const struct ckv_main_spec spec = {
+        .prog = "ckv-bench-ops",
+        .usage = "usage: ckv-bench-ops [options]\n",
+        .table = bench_options,
+    };
+    int rc = ckv_main_config(&spec, &cfg, NULL, argc, argv);
     if (rc)
         return rc == 1 ? 0 : rc;
     int types[MAX_LIST], batches[MAX_LIST], srows[MAX_LIST], scols[MAX_LIST];

@@ -11,20 +11,19 @@
 #include "ckv_buf.h"
 #include "ckv_log.h"
 
-int ckv_main_config(const char *prog, const char *usage, const struct ckv_config_opt *table,
-                    void *cfg, ckv_main_check_fn check, const char *const *extra_flags,
-                    unsigned *extra_set, int argc, char **argv)
+int ckv_main_config(const struct ckv_main_spec *spec, void *cfg, unsigned *flags_set, int argc,
+                    char **argv)
 {
     bool dump = false;
     char *args[argc > 0 ? argc : 1];
     int n = 0;
-    if (extra_set)
-        *extra_set = 0;
+    if (flags_set)
+        *flags_set = 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             struct ckv_buf u = {0};
-            ckv_config_usage(table, &u);
-            printf("%s%s", usage, u.data ? u.data : "");
+            ckv_config_usage(spec->table, &u);
+            printf("%s%s", spec->usage, u.data ? u.data : "");
             ckv_buf_free(&u);
             return 1;
         }
@@ -32,24 +31,30 @@ int ckv_main_config(const char *prog, const char *usage, const struct ckv_config
             dump = true;
             continue;
         }
-        int extra = -1;
-        for (int f = 0; extra_flags && extra_flags[f]; f++)
-            if (strcmp(argv[i], extra_flags[f]) == 0)
-                extra = f;
-        if (extra >= 0 && extra_set)
-            *extra_set |= 1u << extra;
-        else
-            args[n++] = argv[i];
+        int flag = -1;
+        for (int f = 0; spec->flags && spec->flags[f]; f++)
+            if (strcmp(argv[i], spec->flags[f]) == 0)
+                flag = f;
+        if (flag >= 0) {
+            if (flags_set)
+                *flags_set |= 1u << flag;
+            continue;
+        }
+        args[n] = argv[i];
+        for (int a = 0; spec->aliases && spec->aliases[a]; a += 2)
+            if (strcmp(argv[i], spec->aliases[a]) == 0)
+                args[n] = (char *)spec->aliases[a + 1];
+        n++;
     }
     char err[1024];
-    if (ckv_config_load(table, cfg, n, args, NULL, 0, NULL, err, sizeof(err)) ||
-        (check && check(cfg, err, sizeof(err)))) {
-        fprintf(stderr, "%s: %s\n", prog, err);
+    if (ckv_config_load(spec->table, cfg, n, args, NULL, 0, NULL, err, sizeof(err)) ||
+        (spec->check && spec->check(cfg, err, sizeof(err)))) {
+        fprintf(stderr, "%s: %s\n", spec->prog, err);
         return 2;
     }
     if (dump) {
         struct ckv_buf b = {0};
-        ckv_config_dump(table, cfg, &b);
+        ckv_config_dump(spec->table, cfg, &b);
         fputs(b.data ? b.data : "", stdout);
         ckv_buf_free(&b);
         return 1;

@@ -31,13 +31,18 @@ int main(int argc, char **argv)
     unsigned set = 0;
     struct kvs_config cfg;
     char err[512];
-    int rc = ckv_main_config(
-        "ckv-kvstore",
-        "usage: ckv-kvstore [--config FILE] [--name value ...]\n"
-        "       ckv-kvstore --cleanup [same options]   remove a stale segment and spill file\n"
-        "       ckv-kvstore --dump-config [options]    print the effective config\n\n"
-        "options (config file lines are `name value`; see deploy/kvstore.conf):\n",
-        kvs_config_options, &cfg, check_config, flags, &set, argc, argv);
+    static const struct ckv_main_spec spec = {
+        .prog = "ckv-kvstore",
+        .usage = "usage: ckv-kvstore [--config FILE] [--name value ...]\n"
+                 "       ckv-kvstore --cleanup [same options]   remove a stale segment and spill "
+                 "file\n"
+                 "       ckv-kvstore --dump-config [options]    print the effective config\n\n"
+                 "options (config file lines are `name value`; see deploy/kvstore.conf):\n",
+        .table = kvs_config_options,
+        .check = check_config,
+        .flags = flags,
+    };
+    int rc = ckv_main_config(&spec, &cfg, &set, argc, argv);
     if (rc)
         return rc == 1 ? 0 : rc;
     if ((rc = ckv_main_log("ckv-kvstore", cfg.log_level, cfg.log_file)))

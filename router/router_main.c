@@ -35,12 +35,15 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN); /* a closed log pipe or metrics client must not kill the router */
     static struct router_config cfg;
     char err[768];
-    int rc = ckv_main_config(
-        "ckv-router",
-        "usage: ckv-router [--config FILE] [--name value ...]\n"
-        "       ckv-router --dump-config [options]    print the effective config\n\n"
-        "options (config file lines are `name value`; see deploy/router.conf):\n",
-        router_config_options, &cfg, check_config, NULL, NULL, argc, argv);
+    static const struct ckv_main_spec spec = {
+        .prog = "ckv-router",
+        .usage = "usage: ckv-router [--config FILE] [--name value ...]\n"
+                 "       ckv-router --dump-config [options]    print the effective config\n\n"
+                 "options (config file lines are `name value`; see deploy/router.conf):\n",
+        .table = router_config_options,
+        .check = check_config,
+    };
+    int rc = ckv_main_config(&spec, &cfg, NULL, argc, argv);
     if (rc)
         return rc == 1 ? 0 : rc;
     if ((rc = ckv_main_log("ckv-router", cfg.log_level, cfg.log_file)))

@@ -23,6 +23,7 @@
 #include "ckv_cmds.h"
 #include "ckv_config.h"
 #include "ckv_error.h"
+#include "ckv_main.h"
 #include "ckv_wire.h"
 
 struct gen_cfg {
@@ -71,17 +72,6 @@ static void on_sigint(int sig)
     interrupted = 1;
 }
 
-static int usage(void)
-{
-    struct ckv_buf u = {0};
-    ckv_config_usage(gen_options, &u);
-    printf("usage: ckv generate [--router ENDPOINT] -p PROMPT [-n MAX_TOKENS] [options]\n"
-           "  -p PROMPT = --prompt, -n N = --max-tokens\n%s",
-           u.data ? u.data : "");
-    ckv_buf_free(&u);
-    return 0;
-}
-
 static void send_cancel(void *sock, uint64_t id)
 {
     Ckv__Envelope env = CKV__ENVELOPE__INIT;
@@ -95,26 +85,17 @@ static void send_cancel(void *sock, uint64_t id)
 int ckv_cmd_generate(int argc, char **argv)
 {
     static struct gen_cfg cfg;
-    char err[1024];
-    char **args = calloc((size_t)argc + 1, sizeof(char *));
-    if (!args)
-        return 1;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
-            free(args);
-            return usage();
-        }
-        args[i - 1] = strcmp(a, "-p") == 0   ? "--prompt"
-                      : strcmp(a, "-n") == 0 ? "--max-tokens"
-                                             : argv[i];
-    }
-    int rc = ckv_config_load(gen_options, &cfg, argc - 1, args, NULL, 0, NULL, err, sizeof(err));
-    free(args);
-    if (rc) {
-        fprintf(stderr, "ckv generate: %s\n", err);
-        return 2;
-    }
+    static const char *const aliases[] = {"-p", "--prompt", "-n", "--max-tokens", NULL};
+    static const struct ckv_main_spec spec = {
+        .prog = "ckv generate",
+        .usage = "usage: ckv generate [--router ENDPOINT] -p PROMPT [-n MAX_TOKENS] [options]\n"
+                 "  -p PROMPT = --prompt, -n N = --max-tokens\n",
+        .table = gen_options,
+        .aliases = aliases,
+    };
+    int rc = ckv_main_config(&spec, &cfg, NULL, argc, argv);
+    if (rc)
+        return rc == 1 ? 0 : rc;
     if (!cfg.prompt[0]) {
         fprintf(stderr, "ckv generate: a prompt is required (-p TEXT)\n");
         return 2;

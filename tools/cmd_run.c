@@ -24,6 +24,7 @@
 #include "ckv_cmds.h"
 #include "ckv_config.h"
 #include "ckv_error.h"
+#include "ckv_main.h"
 #include "ckv_log.h"
 #include "engine.h"
 #include "sampler.h"
@@ -162,42 +163,22 @@ static void on_progress(void *arg, int done, int total)
     fflush(stderr);
 }
 
-static int usage(void)
-{
-    struct ckv_buf u = {0};
-    ckv_config_usage(run_options, &u);
-    printf("usage: ckv run [-m MODEL] [-p PROMPT] [--chat] [-n MAX_TOKENS] [options]\n"
-           "  -m MODEL = --model, -p PROMPT = --prompt, -n N = --max-tokens\n%s",
-           u.data);
-    ckv_buf_free(&u);
-    return 0;
-}
-
 int ckv_cmd_run(int argc, char **argv)
 {
     static struct run_cfg cfg; /* large (the prompt): not on the stack */
+    static const char *const aliases[] = {"-m", "--model",      "-p", "--prompt",
+                                          "-n", "--max-tokens", NULL};
+    static const struct ckv_main_spec spec = {
+        .prog = "ckv run",
+        .usage = "usage: ckv run [-m MODEL] [-p PROMPT] [--chat] [-n MAX_TOKENS] [options]\n"
+                 "  -m MODEL = --model, -p PROMPT = --prompt, -n N = --max-tokens\n",
+        .table = run_options,
+        .aliases = aliases,
+    };
     char err[1024];
-    /* Short options become their long names for the config parser. */
-    char **args = calloc((size_t)argc + 1, sizeof(char *));
-    if (!args)
-        return 1;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
-            free(args);
-            return usage();
-        }
-        args[i - 1] = strcmp(a, "-m") == 0   ? "--model"
-                      : strcmp(a, "-p") == 0 ? "--prompt"
-                      : strcmp(a, "-n") == 0 ? "--max-tokens"
-                                             : argv[i];
-    }
-    int rc = ckv_config_load(run_options, &cfg, argc - 1, args, NULL, 0, NULL, err, sizeof(err));
-    free(args);
-    if (rc) {
-        fprintf(stderr, "ckv run: %s\n", err);
-        return 2;
-    }
+    int rc = ckv_main_config(&spec, &cfg, NULL, argc, argv);
+    if (rc)
+        return rc == 1 ? 0 : rc;
     ckv_log_init("ckv", CKV_LOG_WARN);
 
     bool model_given = cfg.model[0] != 0;

@@ -1102,12 +1102,14 @@ int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN);
     static struct worker w;
-    int rc = ckv_main_config(
-        "ckv-worker",
-        "usage: ckv-worker [--config FILE] [--name value ...]\n"
-        "       ckv-worker --dump-config [options]    print the effective config\n\n"
-        "options (config file lines are `name value`; see deploy/worker.conf):\n",
-        worker_options, &w.cfg, NULL, NULL, NULL, argc, argv);
+    static const struct ckv_main_spec spec = {
+        .prog = "ckv-worker",
+        .usage = "usage: ckv-worker [--config FILE] [--name value ...]\n"
+                 "       ckv-worker --dump-config [options]    print the effective config\n\n"
+                 "options (config file lines are `name value`; see deploy/worker.conf):\n",
+        .table = worker_options,
+    };
+    int rc = ckv_main_config(&spec, &w.cfg, NULL, argc, argv);
     if (rc)
         return rc == 1 ? 0 : rc;
     if ((rc = ckv_main_log("ckv-worker", w.cfg.log_level, w.cfg.log_file)))
