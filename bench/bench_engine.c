@@ -886,19 +886,6 @@ static int run_context(struct run *r, ckv_engine_t *e, struct llama_proc *lp, in
     return rc;
 }
 
-static const char *default_model(char *buf, size_t len)
-{
-    const char *dir = getenv("CKV_MODEL_DIR");
-    if (dir && *dir) {
-        snprintf(buf, len, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", dir);
-    } else {
-        const char *home = getenv("HOME");
-        snprintf(buf, len, "%s/.cache/clusterkv/models/SmolLM2-135M-Instruct.Q4_1.gguf",
-                 home && *home ? home : "/root");
-    }
-    return buf;
-}
-
 int main(int argc, char **argv)
 {
     ckv_log_init("ckv-bench-engine", CKV_LOG_WARN);
@@ -966,7 +953,8 @@ int main(int argc, char **argv)
         ckv_buf_printf(&r.cmd, "%s%s", i ? " " : "", i ? argv[i] : "build/bin/ckv-bench-engine");
 
     char model_buf[1024];
-    const char *model = cfg.model[0] ? cfg.model : default_model(model_buf, sizeof(model_buf));
+    const char *model =
+        cfg.model[0] ? cfg.model : ckv_engine_default_model(model_buf, sizeof(model_buf));
     int Bmax = 0, nmax = 0;
     for (int i = 0; i < r.n_b; i++)
         Bmax = CKV_MAX(Bmax, r.batches[i]);

@@ -47,7 +47,6 @@
 #define MAX_LIST    16
 #define MAX_GEN     256
 #define MAX_DOCS    4
-#define MODEL_FILE  "SmolLM2-135M-Instruct.Q4_1.gguf"
 #define DEFAULT_DOC "/usr/share/common-licenses/GPL-3"
 
 struct eval_opts {
@@ -75,9 +74,10 @@ struct eval_opts {
 static const char *const task_names[] = {"auto", "passkey", "copy", "both", NULL};
 
 static const struct ckv_config_opt eval_options[] = {
-    CKV_OPT_STRING(struct eval_opts, model, "model", "",
-                   "GGUF model (default: $CKV_MODEL_DIR or ~/.cache/clusterkv/models/" MODEL_FILE
-                   ")"),
+    CKV_OPT_STRING(
+        struct eval_opts, model, "model", "",
+        "GGUF model (default: $CKV_MODEL_DIR or ~/.cache/clusterkv/models/" CKV_DEFAULT_MODEL_FILE
+        ")"),
     CKV_OPT_STRING(struct eval_opts, out, "out", "out/eval", "directory for CSV, plots, dumps"),
     CKV_OPT_STRING(struct eval_opts, json, "json", "", "also write the headline numbers here"),
     CKV_OPT_BOOL(struct eval_opts, quick, "quick", "no", "the short run (under 2 minutes)"),
@@ -1334,16 +1334,6 @@ static int cmd_quick(struct eval *E)
 
 /* ---- main ---- */
 
-static void default_model(char *out, size_t cap)
-{
-    const char *dir = getenv("CKV_MODEL_DIR");
-    if (dir && *dir)
-        snprintf(out, cap, "%s/%s", dir, MODEL_FILE);
-    else
-        snprintf(out, cap, "%s/.cache/clusterkv/models/%s",
-                 getenv("HOME") ? getenv("HOME") : "/root", MODEL_FILE);
-}
-
 static void usage(void)
 {
     struct ckv_buf u = {0};
@@ -1382,7 +1372,7 @@ int ckv_cmd_eval(int argc, char **argv)
     if (E.o.quick && strcmp(sub, "all") == 0)
         sub = "quick";
     if (!E.o.model[0])
-        default_model(E.o.model, sizeof(E.o.model));
+        ckv_engine_default_model(E.o.model, sizeof(E.o.model));
     if (ckv_eval_methods_parse(E.o.methods, E.methods, MAX_LIST, &E.n_methods, err, sizeof(err))) {
         fprintf(stderr, "ckv eval: --methods: %s\n", err);
         return 2;

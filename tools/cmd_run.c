@@ -29,8 +29,7 @@
 #include "engine.h"
 #include "sampler.h"
 
-#define DEFAULT_MODEL_NAME "SmolLM2-135M-Instruct.Q4_1.gguf"
-#define DEFAULT_PROMPT     "Explain in a few sentences why the sky is blue, for a curious ten-year-old."
+#define DEFAULT_PROMPT "Explain in a few sentences why the sky is blue, for a curious ten-year-old."
 
 static const char *const method_names[] = {"full", "clusterkv", "quest", "streaming", NULL};
 static const char *const select_names[] = {"per-qhead", "kvhead-max", "kvhead-sum", NULL};
@@ -89,23 +88,6 @@ static const struct ckv_config_opt run_options[] = {
                  "print the text and statistics as one JSON object on stdout"),
     CKV_OPT_END,
 };
-
-/* The default model path, as deploy/fetch-model.sh computes it. */
-static void default_model(char *out, size_t cap)
-{
-    const char *dir = getenv("CKV_MODEL_DIR");
-    if (dir && *dir) {
-        snprintf(out, cap, "%s/%s", dir, DEFAULT_MODEL_NAME);
-        return;
-    }
-    const char *xdg = getenv("XDG_CACHE_HOME");
-    if (xdg && *xdg) {
-        snprintf(out, cap, "%s/clusterkv/models/%s", xdg, DEFAULT_MODEL_NAME);
-        return;
-    }
-    const char *home = getenv("HOME");
-    snprintf(out, cap, "%s/.cache/clusterkv/models/%s", home ? home : "", DEFAULT_MODEL_NAME);
-}
 
 /* "2,5,10-12" into layers (sorted as given, duplicates refused); every layer >= from when
  * empty. Returns the count or -1. */
@@ -183,7 +165,7 @@ int ckv_cmd_run(int argc, char **argv)
 
     bool model_given = cfg.model[0] != 0;
     if (!model_given)
-        default_model(cfg.model, sizeof(cfg.model));
+        ckv_engine_default_model(cfg.model, sizeof(cfg.model));
     if (access(cfg.model, R_OK) != 0) {
         if (model_given)
             fprintf(stderr, "ckv run: %s: %s\n", cfg.model, strerror(errno));

@@ -13,6 +13,21 @@
 #include "ckv_error.h"
 #include "engine_impl.h"
 
+char *ckv_engine_default_model(char *out, size_t cap)
+{
+    const char *dir = getenv("CKV_MODEL_DIR");
+    const char *xdg = getenv("XDG_CACHE_HOME");
+    const char *home = getenv("HOME");
+    if (dir && *dir)
+        snprintf(out, cap, "%s/%s", dir, CKV_DEFAULT_MODEL_FILE);
+    else if (xdg && *xdg)
+        snprintf(out, cap, "%s/clusterkv/models/%s", xdg, CKV_DEFAULT_MODEL_FILE);
+    else
+        snprintf(out, cap, "%s/.cache/clusterkv/models/%s", home && *home ? home : "/root",
+                 CKV_DEFAULT_MODEL_FILE);
+    return out;
+}
+
 void ckv_engine_opts_default(struct ckv_engine_opts *o)
 {
     memset(o, 0, sizeof(*o));

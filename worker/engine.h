@@ -22,26 +22,32 @@
 struct ckv_block_store;
 
 struct ckv_engine_opts {
-    const char *model_path;   /* GGUF file */
+    const char *model_path; /* GGUF file */
     enum ckv_backend_kind backend;
-    int n_threads;            /* 0: one per online core */
-    int max_seqs;             /* live sequences at once; 8 */
-    int max_ctx;              /* per sequence; 0: the model's training context */
-    int prefill_chunk;        /* tokens per prefill chunk; 512 */
-    struct ckv_kv_opts kv;    /* default KV options of new sequences */
+    int n_threads;                 /* 0: one per online core */
+    int max_seqs;                  /* live sequences at once; 8 */
+    int max_ctx;                   /* per sequence; 0: the model's training context */
+    int prefill_chunk;             /* tokens per prefill chunk; 512 */
+    struct ckv_kv_opts kv;         /* default KV options of new sequences */
     struct ckv_block_store *store; /* NULL: the engine makes an in-memory store */
 };
 
 /* Fills the defaults above (kv from ckv_kv_opts_default). */
 void ckv_engine_opts_default(struct ckv_engine_opts *o);
 
+/* The default model's file name and its path in the model cache, as deploy/fetch-model.sh
+ * computes it: $CKV_MODEL_DIR, else ${XDG_CACHE_HOME:-$HOME/.cache}/clusterkv/models. Writes
+ * the path into out (truncated to cap) and returns out. */
+#define CKV_DEFAULT_MODEL_FILE "SmolLM2-135M-Instruct.Q4_1.gguf"
+char *ckv_engine_default_model(char *out, size_t cap);
+
 /* What the model is, read from the GGUF (model.c). */
 struct ckv_model_info {
-    char arch[32];            /* "llama", "qwen2" */
-    char name[128];           /* general.name, or the file name */
+    char arch[32];  /* "llama", "qwen2" */
+    char name[128]; /* general.name, or the file name */
     int n_layers, n_embd, n_ff, n_q_heads, n_kv_heads, head_dim, n_vocab, n_ctx_train;
     float rms_eps, rope_theta;
-    const char *weight_type;  /* of the attention/FFN matrices, e.g. "q4_1" */
+    const char *weight_type; /* of the attention/FFN matrices, e.g. "q4_1" */
     size_t weight_bytes;
 };
 
@@ -91,9 +97,9 @@ int ckv_engine_decode(ckv_engine_t *e, const int *seqs, const int32_t *tokens, i
 struct ckv_engine_stats {
     uint64_t prefill_tokens, decode_tokens, decode_steps;
     double prefill_ms, decode_ms;
-    double attn_ms;           /* of which attention (prefill and decode, all layers) */
-    double matmul_ms;         /* of which matrix products */
-    struct ckv_kv_stats kv;   /* summed over sequences (live and freed) */
+    double attn_ms;         /* of which attention (prefill and decode, all layers) */
+    double matmul_ms;       /* of which matrix products */
+    struct ckv_kv_stats kv; /* summed over sequences (live and freed) */
 };
 void ckv_engine_stats(const ckv_engine_t *e, struct ckv_engine_stats *out);
 void ckv_engine_stats_reset(ckv_engine_t *e);

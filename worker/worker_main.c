@@ -48,8 +48,6 @@
 #include "engine.h"
 #include "sampler.h"
 
-#define DEFAULT_MODEL_NAME "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 static const char *const method_names[] = {"full", "clusterkv", "quest", "streaming", NULL};
 static const char *const select_names[] = {"per-qhead", "kvhead-max", "kvhead-sum", NULL};
 
@@ -186,19 +184,6 @@ static void on_signal(int sig)
     (void)sig;
     if (the_worker)
         the_worker->stop = 1;
-}
-
-static void default_model(char *out, size_t cap)
-{
-    const char *dir = getenv("CKV_MODEL_DIR");
-    const char *xdg = getenv("XDG_CACHE_HOME");
-    const char *home = getenv("HOME");
-    if (dir && *dir)
-        snprintf(out, cap, "%s/%s", dir, DEFAULT_MODEL_NAME);
-    else if (xdg && *xdg)
-        snprintf(out, cap, "%s/clusterkv/models/%s", xdg, DEFAULT_MODEL_NAME);
-    else
-        snprintf(out, cap, "%s/.cache/clusterkv/models/%s", home ? home : "", DEFAULT_MODEL_NAME);
 }
 
 /* ---- sending to the router ---- */
@@ -903,7 +888,7 @@ static int worker_open(struct worker *w, char *err, size_t errlen)
     struct worker_config *cfg = &w->cfg;
     int rc;
     if (!cfg->model[0])
-        default_model(cfg->model, sizeof(cfg->model));
+        ckv_engine_default_model(cfg->model, sizeof(cfg->model));
     if (!cfg->name[0])
         snprintf(cfg->name, sizeof(cfg->name), "worker-%d", (int)getpid());
     if (cfg->router_endpoint[0])
