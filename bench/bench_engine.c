@@ -543,18 +543,13 @@ struct target {
     double goal;
 };
 
+/* s as a JSON string literal (common/ckv_buf.h) written to f. */
 static void json_str(FILE *f, const char *s)
 {
-    fputc('"', f);
-    for (; *s; s++) {
-        if (*s == '"' || *s == '\\')
-            fprintf(f, "\\%c", *s);
-        else if ((unsigned char)*s < 0x20)
-            fprintf(f, "\\u%04x", *s);
-        else
-            fputc(*s, f);
-    }
-    fputc('"', f);
+    struct ckv_buf b = {0};
+    ckv_buf_json_str(&b, s, strlen(s));
+    fputs(b.data ? b.data : "\"\"", f);
+    ckv_buf_free(&b);
 }
 
 /* A headline figure of the JSON file and the report. */
