@@ -29,12 +29,7 @@
 #include "ckv_test.h"
 #include "ckv_wire.h"
 
-#if __has_include("sampler.h") /* the engine is part of the tree */
 #include "engine.h"
-#define HAVE_ENGINE 1
-#else
-#define HAVE_ENGINE 0
-#endif
 
 static char dir[256], client_ep[300], worker_ep[300], stats_ep[300];
 static pid_t pids[4];
@@ -588,10 +583,6 @@ static const char *need_model(void)
         cr_assert_null(getenv("CKV_REQUIRE_MODEL"), "default model missing");
         cr_skip_test("default model not fetched (deploy/fetch-model.sh)");
     }
-    if (!HAVE_ENGINE) {
-        cr_assert_null(getenv("CKV_REQUIRE_MODEL"), "this build has no engine");
-        cr_skip_test("the engine (worker/engine.c) is not in this tree yet");
-    }
     return model;
 }
 
@@ -640,7 +631,6 @@ static void wait_workers(void *c, int n)
     cr_assert_fail("the router never listed %d workers", n);
 }
 
-#if HAVE_ENGINE
 /* Greedy generation in this process: the same steps as ckv-worker (prompt with BOS, argmax,
  * stop at an end-of-generation token). */
 static int reference_kv(const char *model, const struct ckv_kv_opts *kv, const char *prompt,
@@ -692,7 +682,6 @@ static int reference(const char *model, const char *prompt, int max_tokens, int3
     kv.method = CKV_KV_FULL;
     return reference_kv(model, &kv, prompt, max_tokens, out);
 }
-#endif
 
 static const char *const prompts[2] = {"The capital of France is",
                                        "def fibonacci(n):\n    \"\"\"Return the"};
@@ -700,7 +689,6 @@ static const char *const prompts[2] = {"The capital of France is",
 Test(served, greedy_matches_engine_and_concurrent)
 {
     const char *model = need_model();
-#if HAVE_ENGINE
     start_router(NULL);
     start_worker(model, "w0", NULL);
     void *c = connect_sock(ZMQ_DEALER, client_ep);
@@ -763,9 +751,6 @@ Test(served, greedy_matches_engine_and_concurrent)
     collect(c, id5, &r5, 1, 60000);
     cr_assert_eq(r5.end, CKV__ENVELOPE__BODY_DONE, "%s", r5.message);
     cr_assert_eq(r5.ids[0], ref[0][0]);
-#else
-    (void)model;
-#endif
 }
 
 Test(served, worker_killed_midstream)
@@ -822,7 +807,6 @@ static double daemon_stat(const char *endpoint, const char *name)
 Test(served, clusterkv_through_kvstore_matches_engine)
 {
     const char *model = need_model();
-#if HAVE_ENGINE
     /* the store, with the model's block geometry (head_dim 64) and a segment of its own */
     char bin[512], seg[64], kvs_ep[420], sock[400], wstats[300];
     ckv_test_bin_path("ckv-kvstore", bin, sizeof(bin));
@@ -899,9 +883,6 @@ Test(served, clusterkv_through_kvstore_matches_engine)
     }
     cr_assert_eq(left, 0, "%.0f clusters left in the store", left);
     ckv_shm_unlink(seg);
-#else
-    (void)model;
-#endif
 }
 
 Test(served, session_affinity_and_client_disconnect)
