@@ -31,9 +31,6 @@
 
 #define DEFAULT_PROMPT "Explain in a few sentences why the sky is blue, for a curious ten-year-old."
 
-static const char *const method_names[] = {"full", "clusterkv", "quest", "streaming", NULL};
-static const char *const select_names[] = {"per-qhead", "kvhead-max", "kvhead-sum", NULL};
-
 struct run_cfg {
     char model[PATH_MAX];
     char prompt[65536];
@@ -62,7 +59,7 @@ static const struct ckv_config_opt run_options[] = {
     CKV_OPT_INT(struct run_cfg, top_k, "top-k", "0", 0, 1 << 24, "top-k; 0: off"),
     CKV_OPT_DOUBLE(struct run_cfg, top_p, "top-p", "1", 0.0001, 1, "top-p; 1: off"),
     CKV_OPT_INT(struct run_cfg, seed, "seed", "1", 0, INT_MAX, "sampling seed"),
-    CKV_OPT_ENUM(struct run_cfg, method, "method", "clusterkv", method_names,
+    CKV_OPT_ENUM(struct run_cfg, method, "method", "clusterkv", ckv_kv_method_names,
                  "KV method: full, clusterkv, quest, streaming"),
     CKV_OPT_INT(struct run_cfg, budget, "budget", "1024", 1, 1 << 24,
                 "tokens attended per selection unit (clusterkv, quest, streaming)"),
@@ -73,7 +70,7 @@ static const struct ckv_config_opt run_options[] = {
                 "prompt tokens per cluster"),
     CKV_OPT_INT(struct run_cfg, full_layers, "full-layers", "2", 0, 1024,
                 "first layers always use full attention"),
-    CKV_OPT_ENUM(struct run_cfg, select, "select", "kvhead-sum", select_names,
+    CKV_OPT_ENUM(struct run_cfg, select, "select", "kvhead-sum", ckv_select_mode_names,
                  "GQA selection unit: per-qhead, kvhead-max, kvhead-sum"),
     CKV_OPT_INT(struct run_cfg, threads, "threads", "0", 0, 1024, "CPU threads; 0: one per core"),
     CKV_OPT_INT(struct run_cfg, max_ctx, "max-ctx", "0", 0, 1 << 24,

@@ -152,18 +152,18 @@ struct ckv_kvcache {
  * Names and options
  * ------------------------------------------------------------------------------------------ */
 
-static const char *const method_names[] = {"full", "clusterkv", "quest", "streaming"};
-static const char *const select_names[] = {"per-qhead", "kvhead-max", "kvhead-sum"};
+const char *const ckv_kv_method_names[] = {"full", "clusterkv", "quest", "streaming", NULL};
+const char *const ckv_select_mode_names[] = {"per-qhead", "kvhead-max", "kvhead-sum", NULL};
 
 const char *ckv_kv_method_name(enum ckv_kv_method m)
 {
-    return (unsigned)m < CKV_ARRAY_LEN(method_names) ? method_names[m] : "?";
+    return (unsigned)m < CKV_ARRAY_LEN(ckv_kv_method_names) - 1 ? ckv_kv_method_names[m] : "?";
 }
 
 int ckv_kv_method_parse(const char *s, enum ckv_kv_method *out)
 {
-    for (size_t i = 0; s && i < CKV_ARRAY_LEN(method_names); i++)
-        if (strcmp(s, method_names[i]) == 0) {
+    for (size_t i = 0; s && i < CKV_ARRAY_LEN(ckv_kv_method_names) - 1; i++)
+        if (strcmp(s, ckv_kv_method_names[i]) == 0) {
             *out = (enum ckv_kv_method)i;
             return 0;
         }
@@ -172,13 +172,13 @@ int ckv_kv_method_parse(const char *s, enum ckv_kv_method *out)
 
 const char *ckv_select_mode_name(enum ckv_select_mode m)
 {
-    return (unsigned)m < CKV_ARRAY_LEN(select_names) ? select_names[m] : "?";
+    return (unsigned)m < CKV_ARRAY_LEN(ckv_select_mode_names) - 1 ? ckv_select_mode_names[m] : "?";
 }
 
 int ckv_select_mode_parse(const char *s, enum ckv_select_mode *out)
 {
-    for (size_t i = 0; s && i < CKV_ARRAY_LEN(select_names); i++)
-        if (strcmp(s, select_names[i]) == 0) {
+    for (size_t i = 0; s && i < CKV_ARRAY_LEN(ckv_select_mode_names) - 1; i++)
+        if (strcmp(s, ckv_select_mode_names[i]) == 0) {
             *out = (enum ckv_select_mode)i;
             return 0;
         }
@@ -206,7 +206,7 @@ int ckv_kv_opts_check(const struct ckv_kv_opts *o, char *err, size_t errlen)
 {
     if (!o)
         return ckv_errorf(-EINVAL, err, errlen, "no KV options");
-    if ((unsigned)o->method >= CKV_ARRAY_LEN(method_names))
+    if ((unsigned)o->method >= CKV_ARRAY_LEN(ckv_kv_method_names) - 1)
         return ckv_errorf(-EINVAL, err, errlen, "kv method %d unknown", (int)o->method);
     if (o->budget < 1)
         return ckv_errorf(-EINVAL, err, errlen, "kv budget %d: must be >= 1", o->budget);
@@ -225,7 +225,7 @@ int ckv_kv_opts_check(const struct ckv_kv_opts *o, char *err, size_t errlen)
                           o->kmeans_iters);
     if (o->full_layers < 0)
         return ckv_errorf(-EINVAL, err, errlen, "kv full_layers %d: must be >= 0", o->full_layers);
-    if ((unsigned)o->select_mode >= CKV_ARRAY_LEN(select_names))
+    if ((unsigned)o->select_mode >= CKV_ARRAY_LEN(ckv_select_mode_names) - 1)
         return ckv_errorf(-EINVAL, err, errlen, "kv select_mode %d unknown", (int)o->select_mode);
     if (o->dtype != CKV_DTYPE_F16 && o->dtype != CKV_DTYPE_F32)
         return ckv_errorf(-EINVAL, err, errlen, "kv dtype %d: must be f16 or f32", (int)o->dtype);

@@ -56,6 +56,10 @@ enum ckv_kv_method {
     CKV_KV_STREAMING = 3,
 };
 
+/* The names, indexed by the enums, NULL-terminated (for config tables' enum options). */
+extern const char *const ckv_kv_method_names[];
+extern const char *const ckv_select_mode_names[];
+
 /* "full", "clusterkv", "quest", "streaming"; parse returns -EINVAL for other names. */
 const char *ckv_kv_method_name(enum ckv_kv_method m);
 int ckv_kv_method_parse(const char *s, enum ckv_kv_method *out);
@@ -73,9 +77,9 @@ struct ckv_kv_opts {
     int kmeans_iters;       /* 20 */
     int full_layers;        /* first layers always full; 2 */
     enum ckv_select_mode select_mode; /* GQA selection unit */
-    enum ckv_dtype dtype;   /* KV dtype; f16 */
-    int cache_blocks;       /* cluster cache capacity in blocks per sequence; 0: unbounded */
-    uint64_t seed;          /* k-means seed */
+    enum ckv_dtype dtype;             /* KV dtype; f16 */
+    int cache_blocks; /* cluster cache capacity in blocks per sequence; 0: unbounded */
+    uint64_t seed;    /* k-means seed */
 };
 
 /* The defaults above (method clusterkv). */
@@ -94,11 +98,11 @@ struct ckv_kv_geom {
  * of a group selecting the same cluster make one lookup); bytes are its blocks' bytes. */
 struct ckv_kv_stats {
     uint64_t decode_attn_calls;
-    uint64_t attended_tokens;   /* tokens attended, summed over calls and selection units */
-    uint64_t clusters_selected; /* summed over calls and units */
-    uint64_t cache_hits, cache_misses;         /* clusters */
+    uint64_t attended_tokens;          /* tokens attended, summed over calls and selection units */
+    uint64_t clusters_selected;        /* summed over calls and units */
+    uint64_t cache_hits, cache_misses; /* clusters */
     uint64_t cache_hit_bytes, cache_miss_bytes;
-    uint64_t clusters_made;     /* by k-means, prompt and windows */
+    uint64_t clusters_made; /* by k-means, prompt and windows */
     double kmeans_ms, select_ms, attn_ms, fetch_ms;
 };
 
@@ -107,8 +111,8 @@ typedef struct ckv_kvcache ckv_kvcache_t;
 /* store may be NULL for methods other than clusterkv; for clusterkv it receives the clusters
  * under seq_uid. Returns 0, -EINVAL (err says why) or -ENOMEM. */
 int ckv_kvcache_new(ckv_ctx_t *ctx, const struct ckv_kv_geom *g, const struct ckv_kv_opts *o,
-                    struct ckv_block_store *store, uint64_t seq_uid, ckv_kvcache_t **out,
-                    char *err, size_t errlen);
+                    struct ckv_block_store *store, uint64_t seq_uid, ckv_kvcache_t **out, char *err,
+                    size_t errlen);
 /* Frees the sequence and drops its clusters from the store; NULLs the pointer. */
 void ckv_kvcache_free(ckv_kvcache_t **kv);
 
@@ -147,11 +151,11 @@ void ckv_kvcache_stats(const ckv_kvcache_t *kv, struct ckv_kv_stats *out);
  * offsets[c+1]), ascending; sizes[c] = offsets[c+1] - offsets[c]. */
 struct ckv_kv_clusters {
     int n_clusters;
-    const int32_t *sizes;   /* (n_clusters) */
-    const int32_t *offsets; /* (n_clusters + 1) */
-    const int32_t *members; /* (offsets[n_clusters]) token positions */
-    const float *centroids; /* (n_clusters, head_dim) f32, device memory of the context */
-    int n_sinks;            /* positions [0, n_sinks) are sinks */
+    const int32_t *sizes;       /* (n_clusters) */
+    const int32_t *offsets;     /* (n_clusters + 1) */
+    const int32_t *members;     /* (offsets[n_clusters]) token positions */
+    const float *centroids;     /* (n_clusters, head_dim) f32, device memory of the context */
+    int n_sinks;                /* positions [0, n_sinks) are sinks */
     int window_start, n_window; /* the window: [window_start, window_start + n_window) */
 };
 /* 0, or -EINVAL (not clusterkv, a full layer, a bad index, or before end_prefill). */

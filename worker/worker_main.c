@@ -48,9 +48,6 @@
 #include "engine.h"
 #include "sampler.h"
 
-static const char *const method_names[] = {"full", "clusterkv", "quest", "streaming", NULL};
-static const char *const select_names[] = {"per-qhead", "kvhead-max", "kvhead-sum", NULL};
-
 struct worker_config {
     char model[PATH_MAX];
     char name[64];
@@ -97,7 +94,7 @@ static const struct ckv_config_opt worker_options[] = {
                 "tokens generated when a request does not say"),
     CKV_OPT_INT(C, heartbeat_ms, "heartbeat-ms", "500", 10, 60000,
                 "heartbeat period until the router says its own"),
-    CKV_OPT_ENUM(C, method, "method", "clusterkv", method_names,
+    CKV_OPT_ENUM(C, method, "method", "clusterkv", ckv_kv_method_names,
                  "default KV method: full, clusterkv, quest, streaming"),
     CKV_OPT_INT(C, budget, "budget", "1024", 1, 1 << 24,
                 "default tokens attended per selection unit"),
@@ -109,7 +106,7 @@ static const struct ckv_config_opt worker_options[] = {
                 "first layers always use full attention"),
     CKV_OPT_INT(C, cache_blocks, "cache-blocks", "0", 0, 1 << 30,
                 "cluster cache per sequence, in blocks (misses go to the store); 0: unbounded"),
-    CKV_OPT_ENUM(C, select, "select", "kvhead-sum", select_names,
+    CKV_OPT_ENUM(C, select, "select", "kvhead-sum", ckv_select_mode_names,
                  "GQA selection unit: per-qhead, kvhead-max, kvhead-sum"),
     CKV_OPT_SIZE(C, max_msg_bytes, "max-msg-size", "4m", 4096, 1ull << 30,
                  "largest message accepted from the router"),
@@ -240,7 +237,7 @@ static void send_register(struct worker *w)
     m.model = (char *)w->info->name;
     m.capacity = (uint32_t)w->cfg.max_seqs;
     m.n_vocab = (uint32_t)w->info->n_vocab;
-    m.kv_method = (char *)method_names[w->cfg.method];
+    m.kv_method = (char *)ckv_kv_method_names[w->cfg.method];
     env.request_id = ++w->register_id;
     env.body_case = CKV__ENVELOPE__BODY_WORKER_REGISTER;
     env.worker_register = &m;
@@ -937,7 +934,8 @@ static int worker_open(struct worker *w, char *err, size_t errlen)
         return ckv_errorf(-ENOMEM, err, errlen, "out of memory");
     LOG_INFO("model %s (%s, %d layers, %s), %s, %d sequences, method %s", w->info->name,
              w->info->arch, w->info->n_layers, w->info->weight_type,
-             ckv_ctx_describe(ckv_engine_ctx(w->e)), cfg->max_seqs, method_names[cfg->method]);
+             ckv_ctx_describe(ckv_engine_ctx(w->e)), cfg->max_seqs,
+             ckv_kv_method_names[cfg->method]);
 
     w->zctx = zmq_ctx_new();
     w->pipe_io = zmq_socket(w->zctx, ZMQ_PAIR);
